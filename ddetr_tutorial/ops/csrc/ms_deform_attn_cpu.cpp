@@ -1,0 +1,223 @@
+// Multi-scale deformable attention, C++ CPU kernel (forward and backward).
+//
+// Forward runs in parallel over (n, q) rows: each row's output is private, so
+// no synchronisation is needed. For every (head m, level l, point k) the
+// bilinear corners and weights are computed once, then one loop over the D
+// channels of the head adds all four corners (the compiler vectorises it).
+//
+// Backward scatters into grad_value, and many queries hit the same value
+// token. Instead of atomics or per-thread copies of grad_value, it runs in
+// parallel over (n, m): every (n, m) owns the slice grad_value[n, :, m, :], so
+// the scatter has no races and the result is deterministic, bit for bit.
+//
+// Corners outside the map are pointed at a row of zeros (reads) or a scratch
+// row (writes), so the channel loops have no branches.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "ms_deform_attn.h"
+
+namespace ddetr {
+namespace {
+
+struct Level {
+  int64_t H, W, start;
+};
+
+std::vector<Level> read_levels(const at::Tensor& spatial_shapes,
+                               const at::Tensor& level_start_index) {
+  const int64_t L = spatial_shapes.size(0);
+  const int64_t* hw = spatial_shapes.data_ptr<int64_t>();
+  const int64_t* start = level_start_index.data_ptr<int64_t>();
+  std::vector<Level> levels(L);
+  for (int64_t l = 0; l < L; ++l) levels[l] = {hw[2 * l], hw[2 * l + 1], start[l]};
+  return levels;
+}
+
+// The four bilinear corners of one sampling point, grid_sample(align_corners=False).
+// token[i] is the corner's index into S, or -1 when it lies outside the map
+// (zero padding). Corner order: (h0, w0), (h0, w1), (h1, w0), (h1, w1).
+template <typename scalar_t>
+struct Corners {
+  int64_t token[4];
+  scalar_t weight[4];
+  scalar_t lh, lw;  // fractional parts, for the location gradient
+};
+
+// Returns false when the point lies entirely outside the map.
+template <typename scalar_t>
+inline bool bilinear_corners(scalar_t x, scalar_t y, const Level& lv, Corners<scalar_t>& c) {
+  const scalar_t w_im = x * lv.W - scalar_t(0.5);
+  const scalar_t h_im = y * lv.H - scalar_t(0.5);
+  if (!(h_im > -1 && w_im > -1 && h_im < lv.H && w_im < lv.W)) return false;
+  const int64_t h0 = static_cast<int64_t>(std::floor(h_im));
+  const int64_t w0 = static_cast<int64_t>(std::floor(w_im));
+  c.lh = h_im - h0;
+  c.lw = w_im - w0;
+  const scalar_t hh = 1 - c.lh, hw = 1 - c.lw;
+  const int64_t hs[4] = {h0, h0, h0 + 1, h0 + 1};
+  const int64_t ws[4] = {w0, w0 + 1, w0, w0 + 1};
+  const scalar_t wts[4] = {hh * hw, hh * c.lw, c.lh * hw, c.lh * c.lw};
+  for (int i = 0; i < 4; ++i) {
+    const bool inside = hs[i] >= 0 && hs[i] < lv.H && ws[i] >= 0 && ws[i] < lv.W;
+    c.token[i] = inside ? lv.start + hs[i] * lv.W + ws[i] : -1;
+    c.weight[i] = inside ? wts[i] : scalar_t(0);
+  }
+  return true;
+}
+
+struct Sizes {
+  int64_t N, S, M, D, Lq, L, K;
+};
+
+Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  return {value.size(0), value.size(1), value.size(2), value.size(3),
+          sampling_locations.size(1), sampling_locations.size(3), sampling_locations.size(4)};
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* value, const std::vector<Level>& levels,
+                    const scalar_t* loc, const scalar_t* attn, scalar_t* out, const Sizes& z) {
+  const int64_t LK = z.L * z.K;
+  const std::vector<scalar_t> zeros(z.D, scalar_t(0));
+  // Rows are (n, q); a grain of 16 rows keeps tiny inputs on one thread.
+  at::parallel_for(0, z.N * z.Lq, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / z.Lq;
+      for (int64_t m = 0; m < z.M; ++m) {
+        scalar_t* __restrict__ o = out + (row * z.M + m) * z.D;  // (D,)
+        for (int64_t c = 0; c < z.D; ++c) o[c] = 0;
+        const int64_t point0 = (row * z.M + m) * LK;
+        for (int64_t p = 0; p < LK; ++p) {
+          const int64_t l = p / z.K;
+          Corners<scalar_t> cr;
+          const scalar_t* xy = loc + 2 * (point0 + p);
+          if (!bilinear_corners(xy[0], xy[1], levels[l], cr)) continue;
+          const scalar_t a = attn[point0 + p];
+          const scalar_t* v[4];
+          for (int i = 0; i < 4; ++i) {
+            v[i] = cr.token[i] < 0 ? zeros.data()
+                                   : value + ((n * z.S + cr.token[i]) * z.M + m) * z.D;
+          }
+          const scalar_t w0 = a * cr.weight[0], w1 = a * cr.weight[1];
+          const scalar_t w2 = a * cr.weight[2], w3 = a * cr.weight[3];
+          const scalar_t *__restrict__ v0 = v[0], *__restrict__ v1 = v[1];
+          const scalar_t *__restrict__ v2 = v[2], *__restrict__ v3 = v[3];
+#pragma omp simd
+          for (int64_t c = 0; c < z.D; ++c) {
+            o[c] += w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c];
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* value, const std::vector<Level>& levels,
+                     const scalar_t* loc, const scalar_t* attn, const scalar_t* grad_out,
+                     scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn,
+                     const Sizes& z) {
+  const int64_t LK = z.L * z.K;
+  const std::vector<scalar_t> zeros(z.D, scalar_t(0));
+  at::parallel_for(0, z.N * z.M, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> scratch(4 * z.D);  // write target of corners outside the map
+    for (int64_t nm = begin; nm < end; ++nm) {
+      const int64_t n = nm / z.M, m = nm % z.M;
+      for (int64_t q = 0; q < z.Lq; ++q) {
+        const int64_t head_row = (n * z.Lq + q) * z.M + m;
+        const scalar_t* __restrict__ g = grad_out + head_row * z.D;  // (D,)
+        for (int64_t p = 0; p < LK; ++p) {
+          const int64_t point = head_row * LK + p;
+          const Level& lv = levels[p / z.K];
+          Corners<scalar_t> cr;
+          const scalar_t* xy = loc + 2 * point;
+          if (!bilinear_corners(xy[0], xy[1], lv, cr)) {
+            grad_attn[point] = 0;
+            grad_loc[2 * point] = grad_loc[2 * point + 1] = 0;
+            continue;
+          }
+          const scalar_t a = attn[point];
+          const scalar_t* v[4];
+          scalar_t* gv[4];
+          for (int i = 0; i < 4; ++i) {
+            const int64_t off = ((n * z.S + cr.token[i]) * z.M + m) * z.D;
+            v[i] = cr.token[i] < 0 ? zeros.data() : value + off;
+            gv[i] = cr.token[i] < 0 ? scratch.data() + i * z.D : grad_value + off;
+          }
+          const scalar_t lh = cr.lh, lw = cr.lw, hh = 1 - lh, hw = 1 - lw;
+          const scalar_t w0 = cr.weight[0], w1 = cr.weight[1];
+          const scalar_t w2 = cr.weight[2], w3 = cr.weight[3];
+          const scalar_t aw0 = a * w0, aw1 = a * w1, aw2 = a * w2, aw3 = a * w3;
+          const scalar_t *__restrict__ v0 = v[0], *__restrict__ v1 = v[1];
+          const scalar_t *__restrict__ v2 = v[2], *__restrict__ v3 = v[3];
+          scalar_t *__restrict__ g0 = gv[0], *__restrict__ g1 = gv[1];
+          scalar_t *__restrict__ g2 = gv[2], *__restrict__ g3 = gv[3];
+          scalar_t d_attn = 0, d_w = 0, d_h = 0;
+#pragma omp simd reduction(+ : d_attn, d_w, d_h)
+          for (int64_t c = 0; c < z.D; ++c) {
+            const scalar_t gc = g[c];
+            d_attn += gc * (w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c]);
+            d_w += gc * (hh * (v1[c] - v0[c]) + lh * (v3[c] - v2[c]));
+            d_h += gc * (hw * (v2[c] - v0[c]) + lw * (v3[c] - v1[c]));
+            g0[c] += aw0 * gc;
+            g1[c] += aw1 * gc;
+            g2[c] += aw2 * gc;
+            g3[c] += aw3 * gc;
+          }
+          grad_attn[point] = d_attn;
+          // Chain rule through w_im = x * W - 0.5 and h_im = y * H - 0.5.
+          grad_loc[2 * point] = a * d_w * lv.W;
+          grad_loc[2 * point + 1] = a * d_h * lv.H;
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor ms_deform_attn_cpu_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& level_start_index,
+                                      const at::Tensor& sampling_locations,
+                                      const at::Tensor& attention_weights) {
+  const Sizes z = sizes_of(value, sampling_locations);
+  at::Tensor out = at::empty({z.N, z.Lq, z.M * z.D}, value.options());
+  if (out.numel() == 0) return out;
+  const auto levels = read_levels(spatial_shapes, level_start_index);
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu_forward", [&] {
+    forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), levels,
+                             sampling_locations.data_ptr<scalar_t>(),
+                             attention_weights.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), z);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> ms_deform_attn_cpu_backward(
+    const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights, const at::Tensor& grad_output) {
+  const Sizes z = sizes_of(value, sampling_locations);
+  // grad_value is accumulated into, so it starts at zero; the other two are
+  // written once per point.
+  at::Tensor grad_value = at::zeros_like(value);
+  at::Tensor grad_loc = at::empty_like(sampling_locations);
+  at::Tensor grad_attn = at::empty_like(attention_weights);
+  if (z.N * z.Lq * z.M * z.L * z.K == 0) {
+    return {grad_value, grad_loc.zero_(), grad_attn.zero_()};
+  }
+  const auto levels = read_levels(spatial_shapes, level_start_index);
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu_backward", [&] {
+    backward_kernel<scalar_t>(
+        value.data_ptr<scalar_t>(), levels, sampling_locations.data_ptr<scalar_t>(),
+        attention_weights.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
+        grad_value.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(),
+        grad_attn.data_ptr<scalar_t>(), z);
+  });
+  return {grad_value, grad_loc, grad_attn};
+}
+
+}  // namespace ddetr

@@ -1,0 +1,527 @@
+// Multi-scale deformable attention, CUDA device code (forward and backward).
+//
+// Work mapping. A work item is one (n, q, m): one query's one head, which
+// needs L*K sampling points and produces D output channels. Items are ordered
+// (n, q, m) with m fastest, the layout of the output (N, Lq, M*D), so that
+// neighbouring items store neighbouring memory. A group of TPG threads (a
+// power of two, at most 32, so a group never straddles a warp) owns one item;
+// each thread owns VEC contiguous channels, read with one aligned vector load
+// (16 bytes when D and the pointers allow), and loops over further chunks of
+// VEC*TPG channels when D is wider than the group. A block of 256 threads
+// holds G = 256 / TPG items and walks the grid with a block-uniform stride
+// loop, so any N*Lq*M fits and __syncthreads() inside the loop is legal.
+//
+// Two phases per tile of PT points. The bilinear corners and weights of a
+// point are the same for all D channels, so they are computed once:
+//   phase 1: the block's 256 threads together compute, for every (item,
+//            point) of the tile, the 4 corner token indices (into S, -1 when
+//            the corner is off the map) and the 4 weights, into shared memory;
+//   phase 2: every thread gathers its channels of the 4 corners of each point.
+// Shared memory holds G*PT point records plus the (H, W, start) table of the
+// L levels, loaded once per block; the host sizes PT so that it stays under
+// about 40 KB and tiles the L*K points when they do not fit at once.
+//
+// Precision: coordinates, weights and sums are in opmath (double for double,
+// float for float, half and bfloat16). Offsets into value, output and the
+// gradients are 64-bit; a token index into S and per-level sizes are 32-bit
+// (the host checks that S fits).
+//
+// Backward: the same mapping. Per point, each thread forms the dot products
+// s_ab = sum_c g_c * v_ab,c of its channels for the 4 corners; a butterfly
+// shuffle inside the group sums them over D, and the group's lane 0 turns
+// them into grad_attention_weights and grad_sampling_locations with plain
+// stores. grad_value is scattered with atomics (vector atomics on sm_90+)
+// into a zeroed opmath buffer of value's shape.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+// float2 / float4 atomicAdd exist on sm_90+ from CUDA 12.1 (PTX red.v4.f32).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 1))
+#define DDETR_VECTOR_ATOMICS 1
+#else
+#define DDETR_VECTOR_ATOMICS 0
+#endif
+
+namespace ddetr {
+namespace msda {
+
+constexpr int kThreads = 256;        // threads per block
+constexpr int kSmemBudget = 40960;   // bytes of point records + level table per block
+
+// ---------------------------------------------------------------------------
+// Types: storage T (float, double, __half, __nv_bfloat16) and its opmath type.
+
+template <typename T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+template <typename T>
+using opmath_t = typename OpMath<T>::type;
+
+__device__ __forceinline__ float to_op(float x) { return x; }
+__device__ __forceinline__ double to_op(double x) { return x; }
+__device__ __forceinline__ float to_op(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_op(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ void from_op(float x, float& dst) { dst = x; }
+__device__ __forceinline__ void from_op(double x, double& dst) { dst = x; }
+__device__ __forceinline__ void from_op(float x, __half& dst) { dst = __float2half_rn(x); }
+__device__ __forceinline__ void from_op(float x, __nv_bfloat16& dst) {
+  dst = __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float op_floor(float x) { return floorf(x); }
+__device__ __forceinline__ double op_floor(double x) { return floor(x); }
+// One rounding for x * n - 0.5: keeps fp32 pixel coordinates as close to the
+// float64 reference as fp32 allows.
+__device__ __forceinline__ float op_fma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double op_fma(double a, double b, double c) { return fma(a, b, c); }
+
+// VEC contiguous elements moved as one aligned vector (16 bytes at most).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Reads VEC channels at p into opmath registers.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_channels(const T* p, opmath_t<T> (&out)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_op(pk.v[i]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_channels(T* p, const opmath_t<T> (&x)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) from_op(x[i], pk.v[i]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+// grad_value += x over VEC channels. The buffer is a fresh allocation and the
+// channel offset is a multiple of VEC, so dst is VEC*4-byte aligned.
+template <int VEC>
+__device__ __forceinline__ void atomic_add_channels(float* dst, const float (&x)[VEC]) {
+#if DDETR_VECTOR_ATOMICS
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < VEC / 4; ++j) {
+      atomicAdd(reinterpret_cast<float4*>(dst) + j,
+                make_float4(x[4 * j], x[4 * j + 1], x[4 * j + 2], x[4 * j + 3]));
+    }
+  } else if constexpr (VEC == 2) {
+    atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x[0], x[1]));
+  } else {
+    atomicAdd(dst, x[0]);
+  }
+#else
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) atomicAdd(dst + i, x[i]);
+#endif
+}
+
+template <int VEC>
+__device__ __forceinline__ void atomic_add_channels(double* dst, const double (&x)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) atomicAdd(dst + i, x[i]);
+}
+
+// Sum of x over the tpg lanes of a group. Every lane of the warp must call it
+// (full mask); lanes without channels pass 0.
+template <typename Op>
+__device__ __forceinline__ Op group_sum(Op x, int tpg) {
+  for (int offset = tpg >> 1; offset > 0; offset >>= 1) {
+    x += __shfl_xor_sync(0xffffffffu, x, offset, tpg);
+  }
+  return x;
+}
+
+// ---------------------------------------------------------------------------
+// Launch geometry, filled in by the host launcher.
+
+struct Shape {
+  int64_t n_items;       // N * Lq * M work items
+  int64_t n_blocks;      // ceil(n_items / items_per_block)
+  int64_t qm;            // Lq * M: item / qm is n
+  int32_t M, S, D;       // heads, tokens, channels per head
+  int32_t L, K, LK;      // levels, points per level, L * K
+  int32_t tpg;           // threads per item (group), power of two <= 32
+  int32_t items_per_block;  // G = kThreads / tpg
+  int32_t tile_points;   // PT points per tile
+  int32_t n_tiles;       // ceil(LK / PT)
+  int32_t n_chunks;      // ceil(D / (VEC * tpg)) channel chunks per thread
+};
+
+// ---------------------------------------------------------------------------
+// Phase 1: one sampling point -> 4 corners.
+
+// Per-level sizes, copied to shared memory once per block.
+struct Levels {
+  const int32_t* H;
+  const int32_t* W;
+  const int32_t* start;
+};
+
+__device__ __forceinline__ Levels load_levels(int32_t* table, const int64_t* spatial_shapes,
+                                              const int64_t* level_start_index, int L) {
+  for (int l = threadIdx.x; l < L; l += kThreads) {
+    table[l] = static_cast<int32_t>(spatial_shapes[2 * l]);
+    table[L + l] = static_cast<int32_t>(spatial_shapes[2 * l + 1]);
+    table[2 * L + l] = static_cast<int32_t>(level_start_index[l]);
+  }
+  return {table, table + L, table + 2 * L};
+}
+
+// The bilinear corners of one point, grid_sample(align_corners=False, zeros).
+// Corner order: (h0, w0), (h0, w1), (h1, w0), (h1, w1).
+template <typename Op>
+struct Corners {
+  int32_t idx[4];  // token index into S, -1 when off the map
+  Op w[4];         // bilinear weight, 0 when off the map
+  Op lh, lw;       // fractional position inside the cell
+};
+
+template <typename Op>
+__device__ __forceinline__ Corners<Op> no_corners() {
+  Corners<Op> c;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    c.idx[i] = -1;
+    c.w[i] = Op(0);
+  }
+  c.lh = c.lw = Op(0);
+  return c;
+}
+
+// x is along W, y along H, both normalized to [0, 1] over the map.
+template <typename Op>
+__device__ __forceinline__ Corners<Op> bilinear_corners(Op x, Op y, int32_t H, int32_t W,
+                                                        int32_t start, int32_t S) {
+  const Op h_im = op_fma(y, static_cast<Op>(H), Op(-0.5));
+  const Op w_im = op_fma(x, static_cast<Op>(W), Op(-0.5));
+  // Written so that NaN coordinates also count as outside.
+  if (!(h_im > Op(-1) && w_im > Op(-1) && h_im < static_cast<Op>(H) &&
+        w_im < static_cast<Op>(W))) {
+    return no_corners<Op>();
+  }
+  const Op hf = op_floor(h_im), wf = op_floor(w_im);
+  const int32_t h0 = static_cast<int32_t>(hf), w0 = static_cast<int32_t>(wf);
+  Corners<Op> c;
+  c.lh = h_im - hf;
+  c.lw = w_im - wf;
+  const Op hh = Op(1) - c.lh, hw = Op(1) - c.lw;
+  const Op weights[4] = {hh * hw, hh * c.lw, c.lh * hw, c.lh * c.lw};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int32_t h = h0 + (i >> 1), w = w0 + (i & 1);
+    const int64_t token = static_cast<int64_t>(start) + static_cast<int64_t>(h) * W + w;
+    // The token range test only matters for inconsistent level tables; it
+    // makes an out-of-bounds read impossible whatever they hold.
+    const bool inside = h >= 0 && h < H && w >= 0 && w < W && token >= 0 && token < S;
+    c.idx[i] = inside ? static_cast<int32_t>(token) : -1;
+    c.w[i] = inside ? weights[i] : Op(0);
+  }
+  return c;
+}
+
+// Shared-memory record of one point: forward folds the attention weight into
+// the corner weights.
+template <typename Op>
+struct alignas(16) ForwardPoint {
+  int32_t idx[4];
+  Op w[4];  // attention weight * bilinear weight
+};
+
+// Backward needs the factors apart: grad_value uses attn * w, grad_attn the
+// bilinear value (w), grad_loc the cell fractions and attn.
+template <typename Op>
+struct alignas(16) BackwardPoint {
+  int32_t idx[4];
+  Op w[4];   // bilinear weight
+  Op attn;   // attention weight, 0 when the point is off the map
+  Op lh, lw;
+};
+
+template <typename Op>
+__device__ __forceinline__ void write_point(ForwardPoint<Op>& rec, const Corners<Op>& c, Op attn,
+                                            bool inside) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    rec.idx[i] = c.idx[i];
+    rec.w[i] = inside ? attn * c.w[i] : Op(0);
+  }
+}
+
+template <typename Op>
+__device__ __forceinline__ void write_point(BackwardPoint<Op>& rec, const Corners<Op>& c, Op attn,
+                                            bool inside) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    rec.idx[i] = c.idx[i];
+    rec.w[i] = c.w[i];
+  }
+  // attn = 0 off the map makes grad_loc exactly 0 there, even for a NaN weight.
+  rec.attn = inside ? attn : Op(0);
+  rec.lh = c.lh;
+  rec.lw = c.lw;
+}
+
+// Phase 1 for the tile of points [p0, p0 + PT) of the block's items
+// [item0, item0 + G). Record r belongs to item r / PT, point r % PT.
+template <typename Op, typename Record>
+__device__ void fill_tile(Record* recs, const Levels& levels, const Op* __restrict__ loc,
+                          const Op* __restrict__ attn, int64_t item0, int p0, const Shape& sh) {
+  const int n_records = sh.items_per_block * sh.tile_points;
+  for (int r = threadIdx.x; r < n_records; r += kThreads) {
+    const int g = r / sh.tile_points;
+    const int p = p0 + (r - g * sh.tile_points);
+    const int64_t item = item0 + g;
+    Corners<Op> c = no_corners<Op>();
+    Op a = Op(0);
+    bool inside = false;
+    if (item < sh.n_items && p < sh.LK) {
+      const int64_t pt = item * sh.LK + p;  // flat (n, q, m, l, k)
+      const int l = p / sh.K;
+      a = attn[pt];
+      c = bilinear_corners(loc[2 * pt], loc[2 * pt + 1], levels.H[l], levels.W[l],
+                           levels.start[l], sh.S);
+      inside = c.idx[0] >= 0 || c.idx[1] >= 0 || c.idx[2] >= 0 || c.idx[3] >= 0;
+    }
+    write_point(recs[r], c, a, inside);
+  }
+}
+
+// Dynamic shared memory: G*PT records, then the level table (3*L int32).
+template <typename Record>
+__device__ __forceinline__ int32_t* level_table(unsigned char* smem, const Shape& sh) {
+  return reinterpret_cast<int32_t*>(
+      smem + sizeof(Record) * sh.items_per_block * sh.tile_points);
+}
+
+// ---------------------------------------------------------------------------
+// Phase 2 helpers.
+
+// Loads VEC channels of the 4 corners of one point; zeros off the map.
+// row = M * D fits int32 (host check); the product is formed in 64 bits.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_corners(const T* __restrict__ base, const int32_t (&idx)[4],
+                                             int32_t row, opmath_t<T> (&v)[4][VEC]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (idx[i] >= 0) {
+      load_channels<T, VEC>(base + static_cast<int64_t>(idx[i]) * row, v[i]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[i][j] = opmath_t<T>(0);
+    }
+  }
+}
+
+// Forward phase 2: acc += sum over the tile's points of w * corner, for the
+// thread's VEC channels. base points at value[n, 0, m, c]; row = M * D.
+template <typename T, int VEC>
+__device__ __forceinline__ void gather_tile(const ForwardPoint<opmath_t<T>>* pts, int n_points,
+                                            const T* __restrict__ base, int32_t row,
+                                            opmath_t<T> (&acc)[VEC]) {
+  using Op = opmath_t<T>;
+#pragma unroll 2
+  for (int p = 0; p < n_points; ++p) {
+    const ForwardPoint<Op> pt = pts[p];
+    Op v[4][VEC];
+    load_corners<T, VEC>(base, pt.idx, row, v);  // 4 loads in flight
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[j] += pt.w[i] * v[i][j];
+    }
+  }
+}
+
+// Backward phase 2 for one point and VEC channels: scatter attn * w * g into
+// grad_value and add g . v of each corner into s.
+template <typename T, int VEC>
+__device__ __forceinline__ void backprop_point(const BackwardPoint<opmath_t<T>>& pt,
+                                               const opmath_t<T> (&g)[VEC],
+                                               const T* __restrict__ base,
+                                               opmath_t<T>* __restrict__ grad_base, int32_t row,
+                                               opmath_t<T> (&s)[4]) {
+  using Op = opmath_t<T>;
+  Op v[4][VEC];
+  load_corners<T, VEC>(base, pt.idx, row, v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (pt.idx[i] < 0) continue;  // zero padding: no value, no gradient
+    const Op wa = pt.attn * pt.w[i];
+    Op add[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      s[i] += g[j] * v[i][j];
+      add[j] = wa * g[j];
+    }
+    atomic_add_channels<VEC>(grad_base + static_cast<int64_t>(pt.idx[i]) * row, add);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Kernels.
+
+// out (N, Lq, M*D) = sum over (l, k) of attn * bilinear(value (N, S, M, D)).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    ms_deform_attn_forward_kernel(const T* __restrict__ value,
+                                  const int64_t* __restrict__ spatial_shapes,
+                                  const int64_t* __restrict__ level_start_index,
+                                  const opmath_t<T>* __restrict__ sampling_locations,
+                                  const opmath_t<T>* __restrict__ attention_weights,
+                                  T* __restrict__ output, const Shape sh) {
+  using Op = opmath_t<T>;
+  using Record = ForwardPoint<Op>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  Record* recs = reinterpret_cast<Record*>(smem);
+  const Levels levels =
+      load_levels(level_table<Record>(smem, sh), spatial_shapes, level_start_index, sh.L);
+
+  const int g = threadIdx.x / sh.tpg, lane = threadIdx.x % sh.tpg;
+  const int32_t row = sh.M * sh.D;  // stride of one token in value (host: fits int32)
+  const Record* my_recs = recs + g * sh.tile_points;
+
+  for (int64_t blk = blockIdx.x; blk < sh.n_blocks; blk += gridDim.x) {
+    const int64_t item0 = blk * sh.items_per_block;
+    const int64_t item = item0 + g;
+    const bool has_item = item < sh.n_items;
+    const int64_t n = has_item ? item / sh.qm : 0, m = has_item ? item % sh.M : 0;
+    const T* base = value + (n * sh.S * sh.M + m) * sh.D;  // value[n, 0, m, 0]
+
+    for (int chunk = 0; chunk < sh.n_chunks; ++chunk) {
+      const int c = (chunk * sh.tpg + lane) * VEC;
+      const bool active = has_item && c < sh.D;
+      Op acc[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[j] = Op(0);
+
+      for (int tile = 0; tile < sh.n_tiles; ++tile) {
+        const int p0 = tile * sh.tile_points;
+        // With a single tile the records survive across channel chunks.
+        if (chunk == 0 || sh.n_tiles > 1) {
+          __syncthreads();  // everyone is done reading the previous records
+          fill_tile(recs, levels, sampling_locations, attention_weights, item0, p0, sh);
+          __syncthreads();
+        }
+        if (active) {
+          const int n_points = min(sh.tile_points, sh.LK - p0);
+          gather_tile<T, VEC>(my_recs, n_points, base + c, row, acc);
+        }
+      }
+      // Every output element is written, zeros included (no memset).
+      if (active) store_channels<T, VEC>(output + item * sh.D + c, acc);
+    }
+  }
+}
+
+// grad_value_acc (N, S, M, D) opmath, zeroed: += via atomics.
+// grad_sampling_locations (N, Lq, M, L, K, 2), grad_attention_weights
+// (N, Lq, M, L, K): every element written once.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    ms_deform_attn_backward_kernel(const T* __restrict__ value,
+                                   const int64_t* __restrict__ spatial_shapes,
+                                   const int64_t* __restrict__ level_start_index,
+                                   const opmath_t<T>* __restrict__ sampling_locations,
+                                   const opmath_t<T>* __restrict__ attention_weights,
+                                   const T* __restrict__ grad_output,
+                                   opmath_t<T>* __restrict__ grad_value_acc,
+                                   opmath_t<T>* __restrict__ grad_sampling_locations,
+                                   opmath_t<T>* __restrict__ grad_attention_weights,
+                                   const Shape sh) {
+  using Op = opmath_t<T>;
+  using Record = BackwardPoint<Op>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  Record* recs = reinterpret_cast<Record*>(smem);
+  const Levels levels =
+      load_levels(level_table<Record>(smem, sh), spatial_shapes, level_start_index, sh.L);
+
+  const int g = threadIdx.x / sh.tpg, lane = threadIdx.x % sh.tpg;
+  const int32_t row = sh.M * sh.D;
+  const Record* my_recs = recs + g * sh.tile_points;
+
+  for (int64_t blk = blockIdx.x; blk < sh.n_blocks; blk += gridDim.x) {
+    const int64_t item0 = blk * sh.items_per_block;
+    const int64_t item = item0 + g;
+    const bool has_item = item < sh.n_items;
+    const int64_t n = has_item ? item / sh.qm : 0, m = has_item ? item % sh.M : 0;
+    const int64_t value_offset = (n * sh.S * sh.M + m) * sh.D;  // [n, 0, m, 0]
+    const T* base = value + value_offset;
+    Op* grad_base = grad_value_acc + value_offset;
+    const T* grad_out = grad_output + (has_item ? item : 0) * sh.D;
+
+    // The item's grad_output row is reused by every point: keep it in
+    // registers when one chunk covers D (the common case).
+    Op g_first[VEC] = {};
+    const int c_first = lane * VEC;
+    if (sh.n_chunks == 1 && has_item && c_first < sh.D) {
+      load_channels<T, VEC>(grad_out + c_first, g_first);
+    }
+
+    for (int tile = 0; tile < sh.n_tiles; ++tile) {
+      const int p0 = tile * sh.tile_points;
+      __syncthreads();
+      fill_tile(recs, levels, sampling_locations, attention_weights, item0, p0, sh);
+      __syncthreads();
+
+      const int n_points = min(sh.tile_points, sh.LK - p0);  // block-uniform
+      for (int p = 0; p < n_points; ++p) {
+        Op s[4] = {Op(0), Op(0), Op(0), Op(0)};  // s_ab = sum_c g_c * v_ab,c
+        if (has_item) {
+          const Record pt = my_recs[p];
+          for (int chunk = 0; chunk < sh.n_chunks; ++chunk) {
+            const int c = (chunk * sh.tpg + lane) * VEC;
+            if (c >= sh.D) break;
+            Op gv[VEC];
+            if (sh.n_chunks == 1) {
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) gv[j] = g_first[j];
+            } else {
+              load_channels<T, VEC>(grad_out + c, gv);
+            }
+            backprop_point<T, VEC>(pt, gv, base + c, grad_base + c, row, s);
+          }
+        }
+        // All lanes of the warp take part; lanes without channels add 0.
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[i] = group_sum(s[i], sh.tpg);
+
+        if (has_item && lane == 0) {
+          const Record pt = my_recs[p];
+          const int l = (p0 + p) / sh.K;
+          const Op hh = Op(1) - pt.lh, hw = Op(1) - pt.lw;
+          // d out / d attn is the bilinear sample itself.
+          const Op d_attn = pt.w[0] * s[0] + pt.w[1] * s[1] + pt.w[2] * s[2] + pt.w[3] * s[3];
+          // Derivatives of the bilinear sample along w_im and h_im, then the
+          // chain rule through w_im = x * W - 0.5, h_im = y * H - 0.5.
+          const Op d_w = hh * (s[1] - s[0]) + pt.lh * (s[3] - s[2]);
+          const Op d_h = hw * (s[2] - s[0]) + pt.lw * (s[3] - s[1]);
+          const int64_t pi = item * sh.LK + p0 + p;  // flat (n, q, m, l, k)
+          grad_attention_weights[pi] = d_attn;
+          Pack<Op, 2> d_loc;
+          d_loc.v[0] = static_cast<Op>(levels.W[l]) * pt.attn * d_w;
+          d_loc.v[1] = static_cast<Op>(levels.H[l]) * pt.attn * d_h;
+          *reinterpret_cast<Pack<Op, 2>*>(grad_sampling_locations + 2 * pi) = d_loc;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace msda
+}  // namespace ddetr

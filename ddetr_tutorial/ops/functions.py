@@ -1,0 +1,233 @@
+"""`ms_deform_attn`: input validation, backend choice and the autograd Functions.
+
+Backends, one contract (see DESIGN.md, "The op contract"):
+  pytorch  the `grid_sample` reference (`reference.py`), runs anywhere
+  cpu      the C++ kernel, float32/float64 CPU tensors
+  cuda     the CUDA kernel, float32/float64/float16/bfloat16 CUDA tensors
+  auto     the compiled kernel for the tensors' device when it builds, else
+           pytorch with one warning. `DDETR_BACKEND` overrides it, and
+           `DDETR_STRICT=1` makes a failed build raise instead of falling back.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import loader
+from .reference import ms_deform_attn_pytorch
+
+BACKEND_CHOICES = ("auto", "pytorch", "cpu", "cuda")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": _FLOATS}
+_warned: set[str] = set()
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                   attention_weights, backend: str = "auto"):
+    """Multi-scale deformable attention, the core of the paper's Eq. 3.
+
+    value: (N, S, M, D); spatial_shapes: (L, 2) int64/int32 rows (H_l, W_l);
+    level_start_index: (L,); sampling_locations: (N, Lq, M, L, K, 2)
+    normalized (x, y), [0, 1] inside the map; attention_weights:
+    (N, Lq, M, L, K), already softmaxed over L*K. Returns (N, Lq, M * D).
+    Bad input raises ValueError/TypeError naming the numbers.
+    """
+    spatial_shapes, level_start_index = check_inputs(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    backend = resolve_backend(backend, value)
+    if backend == "pytorch":
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index,
+                                      sampling_locations, attention_weights)
+    function = CPUMSDeformAttnFunction if backend == "cpu" else CUDAMSDeformAttnFunction
+    return function.apply(value, spatial_shapes, level_start_index,
+                          sampling_locations, attention_weights)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
+                 attention_weights):
+    """Validate the op's inputs; return (spatial_shapes, level_start_index) as
+    int64 tensors on value's device."""
+    names = ("value", "spatial_shapes", "level_start_index", "sampling_locations",
+             "attention_weights")
+    tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+    if value.dim() != 4:
+        raise ValueError(f"value must be (N, S, M, D), got shape {_shape(value)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError("sampling_locations must be (N, Lq, M, L, K, 2), got shape "
+                         f"{_shape(sampling_locations)}")
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(f"attention_weights has shape {_shape(attention_weights)} but "
+                         f"sampling_locations {_shape(sampling_locations)} needs "
+                         f"{_shape(sampling_locations)[:-1]} (N, Lq, M, L, K)")
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(f"spatial_shapes must be (L, 2) rows (H, W), got shape "
+                         f"{_shape(spatial_shapes)}")
+    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be int64 or int32, got {t.dtype}")
+
+    _check_dtypes(value, sampling_locations, attention_weights)
+    _check_devices(value, spatial_shapes, level_start_index, sampling_locations,
+                   attention_weights)
+
+    N, S, M, D = value.shape
+    _, Lq, M_loc, L, K, _ = sampling_locations.shape
+    if sampling_locations.shape[0] != N:
+        raise ValueError(f"value has batch N={N} but sampling_locations has "
+                         f"N={sampling_locations.shape[0]}")
+    if M_loc != M:
+        raise ValueError(f"value has M={M} heads but sampling_locations has M={M_loc}")
+    if spatial_shapes.shape[0] != L:
+        raise ValueError(f"sampling_locations has L={L} levels but spatial_shapes has "
+                         f"{spatial_shapes.shape[0]} rows")
+    if level_start_index.shape != (L,):
+        raise ValueError(f"level_start_index must have shape ({L},) for L={L} levels, got "
+                         f"{_shape(level_start_index)}")
+    for letter, size in (("M", M), ("D", D), ("L", L), ("K", K)):
+        if size == 0:
+            raise ValueError(f"{letter} must be at least 1, got 0 (value {_shape(value)}, "
+                             f"sampling_locations {_shape(sampling_locations)})")
+
+    shapes = [tuple(int(s) for s in row) for row in spatial_shapes.tolist()]
+    levels = ", ".join(f"({h}, {w})" for h, w in shapes)
+    for lvl, (h, w) in enumerate(shapes):
+        if h < 1 or w < 1:
+            raise ValueError(f"level {lvl} has size ({h}, {w}); every level needs H, W >= 1 "
+                             f"(levels {levels})")
+    tokens = sum(h * w for h, w in shapes)
+    if tokens != S:
+        raise ValueError(f"value has {S} tokens but spatial_shapes sum to {tokens} "
+                         f"(levels {levels})")
+    starts = [0]
+    for h, w in shapes[:-1]:
+        starts.append(starts[-1] + h * w)
+    given = [int(s) for s in level_start_index.tolist()]
+    if given != starts:
+        raise ValueError(f"level_start_index is {given} but spatial_shapes {levels} start "
+                         f"their levels at {starts}")
+
+    device = value.device
+    return (spatial_shapes.to(device=device, dtype=torch.int64),
+            level_start_index.to(device=device, dtype=torch.int64))
+
+
+def _check_dtypes(value, sampling_locations, attention_weights):
+    if value.dtype not in _FLOATS:
+        raise TypeError(f"value must be float16, bfloat16, float32 or float64, got {value.dtype}")
+    # Locations and weights match value, or stay float32 beside a half-precision
+    # value (keeps sub-pixel precision, as the CUDA kernel computes in float32).
+    allowed = {value.dtype}
+    if value.dtype in (torch.float16, torch.bfloat16):
+        allowed.add(torch.float32)
+    for name, t in (("sampling_locations", sampling_locations),
+                    ("attention_weights", attention_weights)):
+        if t.dtype not in allowed:
+            expected = " or ".join(sorted(str(d) for d in allowed))
+            raise TypeError(f"{name} is {t.dtype} but value is {value.dtype}; "
+                            f"expected {expected}")
+
+
+def _check_devices(value, spatial_shapes, level_start_index, sampling_locations,
+                   attention_weights):
+    for name, t in (("sampling_locations", sampling_locations),
+                    ("attention_weights", attention_weights)):
+        if t.device != value.device:
+            raise ValueError(f"{name} is on {t.device} but value is on {value.device}")
+    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if t.device != value.device and t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device} but value is on {value.device} "
+                             "(index tensors may also be on the CPU)")
+
+
+# --------------------------------------------------------------------------- backends
+
+def _strict() -> bool:
+    return os.environ.get("DDETR_STRICT", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_backend(backend: str, value: torch.Tensor) -> str:
+    """The backend that will run for `value`: 'pytorch', 'cpu' or 'cuda'."""
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("DDETR_BACKEND", "").strip().lower() or "auto"
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"DDETR_BACKEND must be one of {BACKEND_CHOICES}, "
+                             f"got {os.environ['DDETR_BACKEND']!r}")
+    if backend == "pytorch":
+        return backend
+    if backend == "auto":
+        kernel = value.device.type
+        if kernel not in _KERNEL_DTYPES or value.dtype not in _KERNEL_DTYPES[kernel]:
+            return "pytorch"  # no kernel for this device or dtype: the reference is the path
+        try:
+            loader.load_extension(kernel)
+        except loader.BuildError as err:
+            if _strict():
+                raise
+            if kernel not in _warned:
+                _warned.add(kernel)
+                warnings.warn(f"{err}. Falling back to the pytorch reference (set "
+                              "DDETR_STRICT=1 to raise instead).", RuntimeWarning, stacklevel=3)
+            return "pytorch"
+        return kernel
+    # An explicit compiled backend: wrong device or dtype is the caller's error.
+    if value.device.type != backend:
+        raise ValueError(f"backend={backend!r} needs {backend.upper()} tensors, but value is "
+                         f"on {value.device}")
+    if value.dtype not in _KERNEL_DTYPES[backend]:
+        supported = ", ".join(str(d) for d in _KERNEL_DTYPES[backend])
+        raise TypeError(f"backend={backend!r} supports {supported}, got {value.dtype}")
+    loader.load_extension(backend)
+    return backend
+
+
+class _CompiledMSDeformAttnFunction(torch.autograd.Function):
+    """Forward and backward through one compiled extension (`backend` below)."""
+
+    backend = ""
+
+    @classmethod
+    def forward(cls, ctx, value, spatial_shapes, level_start_index, sampling_locations,
+                attention_weights):
+        ext = loader.load_extension(cls.backend)
+        # The kernels take locations and weights in value's math type (float32 for
+        # half precision) and every tensor contiguous.
+        opmath = torch.float64 if value.dtype == torch.float64 else torch.float32
+        args = (value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+                sampling_locations.to(opmath).contiguous(),
+                attention_weights.to(opmath).contiguous())
+        ctx.save_for_backward(*args)
+        ctx.dtypes = (sampling_locations.dtype, attention_weights.dtype)
+        return ext.forward(*args)
+
+    @classmethod
+    @once_differentiable
+    def backward(cls, ctx, grad_output):
+        ext = loader.load_extension(cls.backend)
+        grad_value, grad_loc, grad_attn = ext.backward(*ctx.saved_tensors,
+                                                       grad_output.contiguous())
+        loc_dtype, attn_dtype = ctx.dtypes
+        return grad_value, None, None, grad_loc.to(loc_dtype), grad_attn.to(attn_dtype)
+
+
+class CPUMSDeformAttnFunction(_CompiledMSDeformAttnFunction):
+    backend = "cpu"
+
+
+class CUDAMSDeformAttnFunction(_CompiledMSDeformAttnFunction):
+    backend = "cuda"
