@@ -114,9 +114,10 @@ def _build(backend: str) -> ModuleType:
         return load(
             name=folder.name,
             sources=[str(CSRC / s) for s in SOURCES[backend]],
-            extra_cflags=CFLAGS[backend],
-            extra_cuda_cflags=CUDA_CFLAGS,
-            extra_ldflags=LDFLAGS[backend],
+            # copies: load() appends to the lists it is given
+            extra_cflags=list(CFLAGS[backend]),
+            extra_cuda_cflags=list(CUDA_CFLAGS),
+            extra_ldflags=list(LDFLAGS[backend]),
             extra_include_paths=[str(CSRC)],
             build_directory=str(folder),
             verbose=False,

@@ -12,6 +12,10 @@
 //
 // Corners outside the map are pointed at a row of zeros (reads) or a scratch
 // row (writes), so the channel loops have no branches.
+//
+// The per-range bodies are compiled twice on x86-64 with GCC (target_clones):
+// once for the baseline (SSE2) and once for x86-64-v3 (AVX2 + FMA); the loader
+// picks the best one for the CPU at load time, so one build runs everywhere.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -19,6 +23,13 @@
 #include <vector>
 
 #include "ms_deform_attn.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DDETR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DDETR_CPU_CLONES
+#endif
+#define DDETR_INLINE __attribute__((always_inline)) inline
 
 namespace ddetr {
 namespace {
@@ -79,103 +90,124 @@ Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
 }
 
 template <typename scalar_t>
-void forward_kernel(const scalar_t* value, const std::vector<Level>& levels,
-                    const scalar_t* loc, const scalar_t* attn, scalar_t* out, const Sizes& z) {
+struct Args {
+  const scalar_t* value;      // (N, S, M, D)
+  const Level* levels;        // (L,)
+  const scalar_t* loc;        // (N, Lq, M, L, K, 2)
+  const scalar_t* attn;       // (N, Lq, M, L, K)
+  const scalar_t* zeros;      // (D,) read by corners outside the map
+  const scalar_t* grad_out;   // (N, Lq, M, D), backward only
+  scalar_t* out;              // forward: output (N, Lq, M, D); backward: grad_value
+  scalar_t* grad_loc;         // (N, Lq, M, L, K, 2), backward only
+  scalar_t* grad_attn;        // (N, Lq, M, L, K), backward only
+  Sizes z;
+};
+
+// Output rows [begin, end) of the flattened (n, q).
+template <typename scalar_t>
+DDETR_INLINE void forward_rows(const Args<scalar_t>& a, int64_t begin, int64_t end) {
+  const Sizes& z = a.z;
   const int64_t LK = z.L * z.K;
-  const std::vector<scalar_t> zeros(z.D, scalar_t(0));
-  // Rows are (n, q); a grain of 16 rows keeps tiny inputs on one thread.
-  at::parallel_for(0, z.N * z.Lq, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / z.Lq;
-      for (int64_t m = 0; m < z.M; ++m) {
-        scalar_t* __restrict__ o = out + (row * z.M + m) * z.D;  // (D,)
-        for (int64_t c = 0; c < z.D; ++c) o[c] = 0;
-        const int64_t point0 = (row * z.M + m) * LK;
-        for (int64_t p = 0; p < LK; ++p) {
-          const int64_t l = p / z.K;
-          Corners<scalar_t> cr;
-          const scalar_t* xy = loc + 2 * (point0 + p);
-          if (!bilinear_corners(xy[0], xy[1], levels[l], cr)) continue;
-          const scalar_t a = attn[point0 + p];
-          const scalar_t* v[4];
-          for (int i = 0; i < 4; ++i) {
-            v[i] = cr.token[i] < 0 ? zeros.data()
-                                   : value + ((n * z.S + cr.token[i]) * z.M + m) * z.D;
-          }
-          const scalar_t w0 = a * cr.weight[0], w1 = a * cr.weight[1];
-          const scalar_t w2 = a * cr.weight[2], w3 = a * cr.weight[3];
-          const scalar_t *__restrict__ v0 = v[0], *__restrict__ v1 = v[1];
-          const scalar_t *__restrict__ v2 = v[2], *__restrict__ v3 = v[3];
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / z.Lq;
+    for (int64_t m = 0; m < z.M; ++m) {
+      scalar_t* __restrict__ o = a.out + (row * z.M + m) * z.D;  // (D,)
+      for (int64_t c = 0; c < z.D; ++c) o[c] = 0;
+      const int64_t point0 = (row * z.M + m) * LK;
+      for (int64_t p = 0; p < LK; ++p) {
+        Corners<scalar_t> cr;
+        const scalar_t* xy = a.loc + 2 * (point0 + p);
+        if (!bilinear_corners(xy[0], xy[1], a.levels[p / z.K], cr)) continue;
+        const scalar_t at = a.attn[point0 + p];
+        const scalar_t* v[4];
+        for (int i = 0; i < 4; ++i) {
+          v[i] = cr.token[i] < 0 ? a.zeros : a.value + ((n * z.S + cr.token[i]) * z.M + m) * z.D;
+        }
+        const scalar_t w0 = at * cr.weight[0], w1 = at * cr.weight[1];
+        const scalar_t w2 = at * cr.weight[2], w3 = at * cr.weight[3];
+        const scalar_t *__restrict__ v0 = v[0], *__restrict__ v1 = v[1];
+        const scalar_t *__restrict__ v2 = v[2], *__restrict__ v3 = v[3];
 #pragma omp simd
-          for (int64_t c = 0; c < z.D; ++c) {
-            o[c] += w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c];
-          }
+        for (int64_t c = 0; c < z.D; ++c) {
+          o[c] += w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c];
         }
       }
     }
-  });
+  }
 }
 
+// Heads [begin, end) of the flattened (n, m); each owns grad_value[n, :, m, :].
 template <typename scalar_t>
-void backward_kernel(const scalar_t* value, const std::vector<Level>& levels,
-                     const scalar_t* loc, const scalar_t* attn, const scalar_t* grad_out,
-                     scalar_t* grad_value, scalar_t* grad_loc, scalar_t* grad_attn,
-                     const Sizes& z) {
+DDETR_INLINE void backward_heads(const Args<scalar_t>& a, int64_t begin, int64_t end,
+                                 scalar_t* scratch) {
+  const Sizes& z = a.z;
   const int64_t LK = z.L * z.K;
-  const std::vector<scalar_t> zeros(z.D, scalar_t(0));
-  at::parallel_for(0, z.N * z.M, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> scratch(4 * z.D);  // write target of corners outside the map
-    for (int64_t nm = begin; nm < end; ++nm) {
-      const int64_t n = nm / z.M, m = nm % z.M;
-      for (int64_t q = 0; q < z.Lq; ++q) {
-        const int64_t head_row = (n * z.Lq + q) * z.M + m;
-        const scalar_t* __restrict__ g = grad_out + head_row * z.D;  // (D,)
-        for (int64_t p = 0; p < LK; ++p) {
-          const int64_t point = head_row * LK + p;
-          const Level& lv = levels[p / z.K];
-          Corners<scalar_t> cr;
-          const scalar_t* xy = loc + 2 * point;
-          if (!bilinear_corners(xy[0], xy[1], lv, cr)) {
-            grad_attn[point] = 0;
-            grad_loc[2 * point] = grad_loc[2 * point + 1] = 0;
-            continue;
-          }
-          const scalar_t a = attn[point];
-          const scalar_t* v[4];
-          scalar_t* gv[4];
-          for (int i = 0; i < 4; ++i) {
-            const int64_t off = ((n * z.S + cr.token[i]) * z.M + m) * z.D;
-            v[i] = cr.token[i] < 0 ? zeros.data() : value + off;
-            gv[i] = cr.token[i] < 0 ? scratch.data() + i * z.D : grad_value + off;
-          }
-          const scalar_t lh = cr.lh, lw = cr.lw, hh = 1 - lh, hw = 1 - lw;
-          const scalar_t w0 = cr.weight[0], w1 = cr.weight[1];
-          const scalar_t w2 = cr.weight[2], w3 = cr.weight[3];
-          const scalar_t aw0 = a * w0, aw1 = a * w1, aw2 = a * w2, aw3 = a * w3;
-          const scalar_t *__restrict__ v0 = v[0], *__restrict__ v1 = v[1];
-          const scalar_t *__restrict__ v2 = v[2], *__restrict__ v3 = v[3];
-          scalar_t *__restrict__ g0 = gv[0], *__restrict__ g1 = gv[1];
-          scalar_t *__restrict__ g2 = gv[2], *__restrict__ g3 = gv[3];
-          scalar_t d_attn = 0, d_w = 0, d_h = 0;
-#pragma omp simd reduction(+ : d_attn, d_w, d_h)
-          for (int64_t c = 0; c < z.D; ++c) {
-            const scalar_t gc = g[c];
-            d_attn += gc * (w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c]);
-            d_w += gc * (hh * (v1[c] - v0[c]) + lh * (v3[c] - v2[c]));
-            d_h += gc * (hw * (v2[c] - v0[c]) + lw * (v3[c] - v1[c]));
-            g0[c] += aw0 * gc;
-            g1[c] += aw1 * gc;
-            g2[c] += aw2 * gc;
-            g3[c] += aw3 * gc;
-          }
-          grad_attn[point] = d_attn;
-          // Chain rule through w_im = x * W - 0.5 and h_im = y * H - 0.5.
-          grad_loc[2 * point] = a * d_w * lv.W;
-          grad_loc[2 * point + 1] = a * d_h * lv.H;
+  for (int64_t nm = begin; nm < end; ++nm) {
+    const int64_t n = nm / z.M, m = nm % z.M;
+    for (int64_t q = 0; q < z.Lq; ++q) {
+      const int64_t head_row = (n * z.Lq + q) * z.M + m;
+      const scalar_t* __restrict__ g = a.grad_out + head_row * z.D;  // (D,)
+      for (int64_t p = 0; p < LK; ++p) {
+        const int64_t point = head_row * LK + p;
+        const Level& lv = a.levels[p / z.K];
+        Corners<scalar_t> cr;
+        const scalar_t* xy = a.loc + 2 * point;
+        if (!bilinear_corners(xy[0], xy[1], lv, cr)) {
+          a.grad_attn[point] = 0;
+          a.grad_loc[2 * point] = a.grad_loc[2 * point + 1] = 0;
+          continue;
         }
+        const scalar_t at = a.attn[point];
+        const scalar_t* v[4];
+        scalar_t* gv[4];
+        for (int i = 0; i < 4; ++i) {
+          const int64_t off = ((n * z.S + cr.token[i]) * z.M + m) * z.D;
+          v[i] = cr.token[i] < 0 ? a.zeros : a.value + off;
+          gv[i] = cr.token[i] < 0 ? scratch + i * z.D : a.out + off;
+        }
+        const scalar_t lh = cr.lh, lw = cr.lw, hh = 1 - lh, hw = 1 - lw;
+        const scalar_t w0 = cr.weight[0], w1 = cr.weight[1];
+        const scalar_t w2 = cr.weight[2], w3 = cr.weight[3];
+        const scalar_t aw0 = at * w0, aw1 = at * w1, aw2 = at * w2, aw3 = at * w3;
+        const scalar_t *__restrict__ v0 = v[0], *__restrict__ v1 = v[1];
+        const scalar_t *__restrict__ v2 = v[2], *__restrict__ v3 = v[3];
+        scalar_t *__restrict__ g0 = gv[0], *__restrict__ g1 = gv[1];
+        scalar_t *__restrict__ g2 = gv[2], *__restrict__ g3 = gv[3];
+        scalar_t d_attn = 0, d_w = 0, d_h = 0;
+#pragma omp simd reduction(+ : d_attn, d_w, d_h)
+        for (int64_t c = 0; c < z.D; ++c) {
+          const scalar_t gc = g[c];
+          d_attn += gc * (w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c]);
+          d_w += gc * (hh * (v1[c] - v0[c]) + lh * (v3[c] - v2[c]));
+          d_h += gc * (hw * (v2[c] - v0[c]) + lw * (v3[c] - v1[c]));
+          g0[c] += aw0 * gc;
+          g1[c] += aw1 * gc;
+          g2[c] += aw2 * gc;
+          g3[c] += aw3 * gc;
+        }
+        a.grad_attn[point] = d_attn;
+        // Chain rule through w_im = x * W - 0.5 and h_im = y * H - 0.5.
+        a.grad_loc[2 * point] = at * d_w * lv.W;
+        a.grad_loc[2 * point + 1] = at * d_h * lv.H;
       }
     }
-  });
+  }
+}
+
+// The cloned entry points (see the top of the file).
+DDETR_CPU_CLONES void forward_range(const Args<float>& a, int64_t begin, int64_t end) {
+  forward_rows(a, begin, end);
+}
+DDETR_CPU_CLONES void forward_range(const Args<double>& a, int64_t begin, int64_t end) {
+  forward_rows(a, begin, end);
+}
+DDETR_CPU_CLONES void backward_range(const Args<float>& a, int64_t begin, int64_t end,
+                                     float* scratch) {
+  backward_heads(a, begin, end, scratch);
+}
+DDETR_CPU_CLONES void backward_range(const Args<double>& a, int64_t begin, int64_t end,
+                                     double* scratch) {
+  backward_heads(a, begin, end, scratch);
 }
 
 }  // namespace
@@ -189,9 +221,14 @@ at::Tensor ms_deform_attn_cpu_forward(const at::Tensor& value, const at::Tensor&
   if (out.numel() == 0) return out;
   const auto levels = read_levels(spatial_shapes, level_start_index);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu_forward", [&] {
-    forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), levels,
-                             sampling_locations.data_ptr<scalar_t>(),
-                             attention_weights.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), z);
+    const std::vector<scalar_t> zeros(z.D, scalar_t(0));
+    Args<scalar_t> a{value.data_ptr<scalar_t>(), levels.data(),
+                     sampling_locations.data_ptr<scalar_t>(),
+                     attention_weights.data_ptr<scalar_t>(), zeros.data(), nullptr,
+                     out.data_ptr<scalar_t>(), nullptr, nullptr, z};
+    // Rows are (n, q); a grain of 16 rows keeps tiny inputs on one thread.
+    at::parallel_for(0, z.N * z.Lq, 16,
+                     [&](int64_t begin, int64_t end) { forward_range(a, begin, end); });
   });
   return out;
 }
@@ -211,11 +248,16 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(
   }
   const auto levels = read_levels(spatial_shapes, level_start_index);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu_backward", [&] {
-    backward_kernel<scalar_t>(
-        value.data_ptr<scalar_t>(), levels, sampling_locations.data_ptr<scalar_t>(),
-        attention_weights.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
-        grad_value.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(),
-        grad_attn.data_ptr<scalar_t>(), z);
+    const std::vector<scalar_t> zeros(z.D, scalar_t(0));
+    Args<scalar_t> a{value.data_ptr<scalar_t>(), levels.data(),
+                     sampling_locations.data_ptr<scalar_t>(),
+                     attention_weights.data_ptr<scalar_t>(), zeros.data(),
+                     grad_output.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
+                     grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(), z};
+    at::parallel_for(0, z.N * z.M, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(4 * z.D);  // write target of corners outside the map
+      backward_range(a, begin, end, scratch.data());
+    });
   });
   return {grad_value, grad_loc, grad_attn};
 }

@@ -1,0 +1,136 @@
+"""The JIT loader: lazy, cached by content, one warning on failure, strict mode."""
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from ddetr_tutorial import cli
+from ddetr_tutorial.ops import BuildError, functions, loader, ms_deform_attn, ms_deform_attn_pytorch
+from msda_inputs import SHAPES, make_inputs
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """An empty extension cache and no remembered modules, failures or warnings."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.delenv("DDETR_BACKEND", raising=False)
+    monkeypatch.delenv("DDETR_STRICT", raising=False)
+    monkeypatch.setattr(loader, "_modules", {})
+    monkeypatch.setattr(loader, "_failures", {})
+    monkeypatch.setattr(functions, "_warned", set())
+    return tmp_path
+
+
+@pytest.fixture
+def broken_sources(fresh_loader, monkeypatch):
+    """A copy of the C++ sources that cannot compile."""
+    csrc = fresh_loader / "csrc"
+    shutil.copytree(loader.CSRC, csrc)
+    for name in loader.SOURCES["cpu"]:
+        path = csrc / name
+        # A missing header is a fatal error: the compiler stops at once.
+        path.write_text('#include "deliberately_missing_for_a_test.h"\n' + path.read_text())
+    monkeypatch.setattr(loader, "CSRC", csrc)
+    return csrc
+
+
+def test_import_builds_nothing(tmp_path):
+    code = (
+        "import sys\n"
+        "import ddetr_tutorial, ddetr_tutorial.cli, ddetr_tutorial.ops\n"
+        "from ddetr_tutorial.attention import MSDeformAttn\n"
+        "from ddetr_tutorial.ops import loader\n"
+        "MSDeformAttn()\n"
+        "assert not loader._modules, loader._modules\n"
+        "assert not any(m.startswith('ddetr_msda') for m in sys.modules)\n"
+    )
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").iterdir())
+
+
+def test_failed_build_falls_back_with_one_warning(broken_sources):
+    args = make_inputs(SHAPES["four_levels"], dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = ms_deform_attn(*args)
+        second = ms_deform_attn(*args)
+    ours = [w for w in caught if "did not build" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    message = str(ours[0].message)
+    assert "deliberately_missing_for_a_test.h" in message
+    assert "Falling back to the pytorch reference" in message
+    log = loader._failures["cpu"].log_path
+    assert log.exists() and str(log) in message
+    assert "deliberately_missing_for_a_test.h" in log.read_text()
+    expected = ms_deform_attn_pytorch(*args)
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    torch.testing.assert_close(second, expected, rtol=0, atol=0)
+
+
+def test_strict_mode_raises(broken_sources, monkeypatch):
+    monkeypatch.setenv("DDETR_STRICT", "1")
+    args = make_inputs(SHAPES["four_levels"], dtype=torch.float32)
+    with pytest.raises(BuildError, match="the cpu kernel of ms_deform_attn did not build"):
+        ms_deform_attn(*args)
+
+
+def test_explicit_backend_raises_on_failed_build(broken_sources):
+    args = make_inputs(SHAPES["four_levels"], dtype=torch.float32)
+    with pytest.raises(BuildError, match="full log: .*build.log"):
+        ms_deform_attn(*args, backend="cpu")
+
+
+def test_build_ops_reports_failure(broken_sources, capsys):
+    assert cli.main(["build-ops", "--backend", "cpu"]) == 1
+    assert "cpu: FAILED" in capsys.readouterr().err
+
+
+def test_build_is_cached_under_torch_extensions_dir(fresh_loader):
+    assert cli.main(["build-ops", "--backend", "cpu"]) == 0
+    folder = loader.build_directory("cpu")
+    assert folder.parent == fresh_loader / "extensions"
+    assert any(folder.glob("*.so"))
+    # A second process finds the build and compiles nothing (no new object files).
+    stamps = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(fresh_loader / "extensions"))
+    subprocess.run([sys.executable, "-m", "ddetr_tutorial", "build-ops", "--backend", "cpu"],
+                   check=True, env=env, timeout=300)
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+
+
+def test_key_changes_with_source_and_torch_version(tmp_path, monkeypatch):
+    key = loader.build_key("cpu")
+    csrc = tmp_path / "csrc"
+    shutil.copytree(loader.CSRC, csrc)
+    monkeypatch.setattr(loader, "CSRC", csrc)
+    assert loader.build_key("cpu") == key
+    (csrc / "ms_deform_attn_cpu.cpp").write_text((csrc / "ms_deform_attn_cpu.cpp").read_text()
+                                                 + "\n// edited\n")
+    edited = loader.build_key("cpu")
+    assert edited != key
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert loader.build_key("cpu") not in (key, edited)
+
+
+def test_backend_environment_variable(monkeypatch):
+    value = torch.zeros(1, 4, 1, 2)
+    monkeypatch.setenv("DDETR_BACKEND", "pytorch")
+    assert functions.resolve_backend("auto", value) == "pytorch"
+    assert functions.resolve_backend("cpu", value) == "cpu"  # explicit wins over the variable
+    monkeypatch.setenv("DDETR_BACKEND", "cpu")
+    assert functions.resolve_backend("auto", value) == "cpu"
+    monkeypatch.setenv("DDETR_BACKEND", "fast")
+    with pytest.raises(ValueError, match="DDETR_BACKEND must be one of .* got 'fast'"):
+        functions.resolve_backend("auto", value)
+
+
+def test_auto_uses_the_reference_for_half_on_cpu(monkeypatch):
+    monkeypatch.delenv("DDETR_BACKEND", raising=False)
+    assert functions.resolve_backend("auto", torch.zeros(1, dtype=torch.bfloat16)) == "pytorch"
+    assert functions.resolve_backend("auto", torch.zeros(1)) == "cpu"
