@@ -72,8 +72,11 @@ def test_gradcheck_float64(backend, D):
     def op(v, l, a):
         return ms_deform_attn(v, ss, starts, l, a, backend=backend)
 
+    # CUDA scatters grad_value with atomics: sums may differ in the last bit
+    # between the two backward calls that gradcheck compares.
     assert torch.autograd.gradcheck(op, inputs, eps=1e-6, atol=1e-5, rtol=1e-3,
-                                    fast_mode=D > 100)
+                                    fast_mode=D > 100,
+                                    nondet_tol=1e-12 if backend == "cuda" else 0.0)
 
 
 def _grads(fn, value, ss, starts, loc, attn, grad_out):

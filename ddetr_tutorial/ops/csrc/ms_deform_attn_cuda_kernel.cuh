@@ -71,10 +71,13 @@ using opmath_t = typename OpMath<T>::type;
 __device__ __forceinline__ float to_op(float x) { return x; }
 __device__ __forceinline__ double to_op(double x) { return x; }
 __device__ __forceinline__ float to_op(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_op(__nv_bfloat16 x) { return __bfloat162float(x); }
+// bfloat16 is the upper half of a float: widening is a shift, which the
+// compiler schedules more freely than the cvt intrinsic.
+__device__ __forceinline__ float to_op(__nv_bfloat16 x) {
+  return __uint_as_float(static_cast<unsigned>(__bfloat16_as_ushort(x)) << 16);
+}
 
-__device__ __forceinline__ void from_op(float x, float& dst) { dst = x; }
-__device__ __forceinline__ void from_op(double x, double& dst) { dst = x; }
+// Rounding to a 2-byte type, for the one store narrower than a 32-bit word.
 __device__ __forceinline__ void from_op(float x, __half& dst) { dst = __float2half_rn(x); }
 __device__ __forceinline__ void from_op(float x, __nv_bfloat16& dst) {
   dst = __float2bfloat16_rn(x);
@@ -93,20 +96,115 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// The native vector type of a Pack's size: going through it makes the
+// compiler emit one vector load or store (ld.global.v4 and friends).
+template <int BYTES>
+struct RawWords;
+template <>
+struct RawWords<16> {
+  using type = uint4;
+};
+template <>
+struct RawWords<8> {
+  using type = uint2;
+};
+template <>
+struct RawWords<4> {
+  using type = unsigned int;
+};
+template <>
+struct RawWords<2> {
+  using type = unsigned short;
+};
+
+// out = VEC elements at p, or zeros (all bits 0) when !ok, in the storage type.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_pack(const T* p, bool ok, Pack<T, VEC>& out) {
+  using Raw = typename RawWords<sizeof(Pack<T, VEC>)>::type;
+  Raw r{};
+  if (ok) r = *reinterpret_cast<const Raw*>(p);
+  memcpy(&out, &r, sizeof(r));
+}
+
 // Reads VEC channels at p into opmath registers.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_channels(const T* p, opmath_t<T> (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+  Pack<T, VEC> pk;
+  load_pack<T, VEC>(p, true, pk);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) out[i] = to_op(pk.v[i]);
 }
 
+// Rounds x to T and returns the bits as 32-bit words in memory order.
+template <typename T>
+struct Tag {};
+
+template <int VEC, int NW>
+__device__ __forceinline__ void to_words(Tag<float>, const float (&x)[VEC], unsigned (&w)[NW]) {
+#pragma unroll
+  for (int i = 0; i < NW; ++i) w[i] = __float_as_uint(x[i]);
+}
+
+template <int VEC, int NW>
+__device__ __forceinline__ void to_words(Tag<double>, const double (&x)[VEC], unsigned (&w)[NW]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) {
+    w[2 * i] = static_cast<unsigned>(__double2loint(x[i]));
+    w[2 * i + 1] = static_cast<unsigned>(__double2hiint(x[i]));
+  }
+}
+
+template <int VEC, int NW>
+__device__ __forceinline__ void to_words(Tag<__half>, const float (&x)[VEC], unsigned (&w)[NW]) {
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    w[i] = static_cast<unsigned>(__half_as_ushort(__float2half_rn(x[2 * i]))) |
+           (static_cast<unsigned>(__half_as_ushort(__float2half_rn(x[2 * i + 1]))) << 16);
+  }
+}
+
+template <int VEC, int NW>
+__device__ __forceinline__ void to_words(Tag<__nv_bfloat16>, const float (&x)[VEC],
+                                         unsigned (&w)[NW]) {
+#pragma unroll
+  for (int i = 0; i < NW; ++i) {
+    w[i] = static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(x[2 * i]))) |
+           (static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(x[2 * i + 1])))
+            << 16);
+  }
+}
+
+// Writes VEC channels at p from opmath registers with one vector store.
 template <typename T, int VEC>
 __device__ __forceinline__ void store_channels(T* p, const opmath_t<T> (&x)[VEC]) {
-  Pack<T, VEC> pk;
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) from_op(x[i], pk.v[i]);
-  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+  constexpr int kBytes = static_cast<int>(sizeof(T)) * VEC;
+  if constexpr (kBytes < 4) {
+    from_op(x[0], *p);  // a single half or bfloat16
+  } else {
+    unsigned w[kBytes / 4];
+    to_words(Tag<T>{}, x, w);
+    if constexpr (kBytes == 4) {
+      *reinterpret_cast<unsigned*>(p) = w[0];
+    } else {
+#if defined(__CUDA_ARCH__)
+      // PTX rather than an assignment through uint4*: inside the chunk loop
+      // nvcc splits that assignment into scalar stores.
+      const size_t global = __cvta_generic_to_global(p);
+      if constexpr (kBytes == 16) {
+        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(global), "r"(w[0]),
+                     "r"(w[1]), "r"(w[2]), "r"(w[3])
+                     : "memory");
+      } else {
+        asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(global), "r"(w[0]), "r"(w[1])
+                     : "memory");
+      }
+#else
+      // Host compilers (never executed by nvcc builds; lets the file be parsed
+      // and emulated on a CPU).
+      for (int i = 0; i < kBytes / 4; ++i) reinterpret_cast<unsigned*>(p)[i] = w[i];
+#endif
+    }
+  }
 }
 
 // grad_value += x over VEC channels. The buffer is a fresh allocation and the
@@ -312,19 +410,16 @@ __device__ __forceinline__ int32_t* level_table(unsigned char* smem, const Shape
 // ---------------------------------------------------------------------------
 // Phase 2 helpers.
 
-// Loads VEC channels of the 4 corners of one point; zeros off the map.
-// row = M * D fits int32 (host check); the product is formed in 64 bits.
+// Loads VEC channels of the 4 corners of one point, all issued before any is
+// used; zeros off the map (idx < 0). Zero-filling costs a few moves but fewer
+// registers than predicating the arithmetic on idx. row = M * D fits int32
+// (host check); the offset is formed in 64 bits.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_corners(const T* __restrict__ base, const int32_t (&idx)[4],
-                                             int32_t row, opmath_t<T> (&v)[4][VEC]) {
+                                             int32_t row, Pack<T, VEC> (&v)[4]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    if (idx[i] >= 0) {
-      load_channels<T, VEC>(base + static_cast<int64_t>(idx[i]) * row, v[i]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) v[i][j] = opmath_t<T>(0);
-    }
+    load_pack<T, VEC>(base + static_cast<int64_t>(idx[i]) * row, idx[i] >= 0, v[i]);
   }
 }
 
@@ -338,12 +433,12 @@ __device__ __forceinline__ void gather_tile(const ForwardPoint<opmath_t<T>>* pts
 #pragma unroll 2
   for (int p = 0; p < n_points; ++p) {
     const ForwardPoint<Op> pt = pts[p];
-    Op v[4][VEC];
-    load_corners<T, VEC>(base, pt.idx, row, v);  // 4 loads in flight
+    Pack<T, VEC> v[4];
+    load_corners<T, VEC>(base, pt.idx, row, v);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[j] += pt.w[i] * v[i][j];
+      for (int j = 0; j < VEC; ++j) acc[j] += pt.w[i] * to_op(v[i].v[j]);
     }
   }
 }
@@ -357,7 +452,7 @@ __device__ __forceinline__ void backprop_point(const BackwardPoint<opmath_t<T>>&
                                                opmath_t<T>* __restrict__ grad_base, int32_t row,
                                                opmath_t<T> (&s)[4]) {
   using Op = opmath_t<T>;
-  Op v[4][VEC];
+  Pack<T, VEC> v[4];
   load_corners<T, VEC>(base, pt.idx, row, v);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -366,7 +461,7 @@ __device__ __forceinline__ void backprop_point(const BackwardPoint<opmath_t<T>>&
     Op add[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      s[i] += g[j] * v[i][j];
+      s[i] += g[j] * to_op(v[i].v[j]);
       add[j] = wa * g[j];
     }
     atomic_add_channels<VEC>(grad_base + static_cast<int64_t>(pt.idx[i]) * row, add);
