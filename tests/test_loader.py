@@ -5,9 +5,11 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.cpp_extension import get_default_build_root
 
 from ddetr_tutorial import cli
 from ddetr_tutorial.ops import BuildError, functions, loader, ms_deform_attn, ms_deform_attn_pytorch
@@ -67,6 +69,7 @@ def test_failed_build_falls_back_with_one_warning(broken_sources):
     assert "Falling back to the pytorch reference" in message
     log = loader._failures["cpu"].log_path
     assert log.exists() and str(log) in message
+    assert log.parent.parent == broken_sources.parent / "extensions"  # TORCH_EXTENSIONS_DIR
     assert "deliberately_missing_for_a_test.h" in log.read_text()
     expected = ms_deform_attn_pytorch(*args)
     torch.testing.assert_close(first, expected, rtol=0, atol=0)
@@ -91,17 +94,22 @@ def test_build_ops_reports_failure(broken_sources, capsys):
     assert "cpu: FAILED" in capsys.readouterr().err
 
 
-def test_build_is_cached_under_torch_extensions_dir(fresh_loader):
-    assert cli.main(["build-ops", "--backend", "cpu"]) == 0
+def test_build_is_reused_by_a_new_process():
+    """A second process finds the build and compiles nothing (no file is touched)."""
+    module = loader.load_extension("cpu")
     folder = loader.build_directory("cpu")
-    assert folder.parent == fresh_loader / "extensions"
-    assert any(folder.glob("*.so"))
-    # A second process finds the build and compiles nothing (no new object files).
+    assert Path(module.__file__).parent == folder
     stamps = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(fresh_loader / "extensions"))
     subprocess.run([sys.executable, "-m", "ddetr_tutorial", "build-ops", "--backend", "cpu"],
-                   check=True, env=env, timeout=300)
+                   check=True, timeout=600)
     assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+
+
+def test_torch_extensions_dir_is_respected(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert loader.build_directory("cpu").parent == tmp_path
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert loader.build_directory("cpu").parent == Path(get_default_build_root())
 
 
 def test_key_changes_with_source_and_torch_version(tmp_path, monkeypatch):
