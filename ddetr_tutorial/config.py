@@ -1,0 +1,128 @@
+"""Configuration: the paper's defaults, named presets, and `build_model`.
+
+Only `build_*` functions read a config; modules take keyword arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .backbone import build_backbone
+from .losses import SetCriterion, weight_dict
+from .matcher import HungarianMatcher
+from .model import DETR, DeformableDETR, PostProcess
+from .transformer import DeformableTransformer
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- model (paper Sec. 5 "Implementation details")
+    model: str = "deformable"        # "deformable", or "detr" for the dense DETR baseline
+    backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50
+    dilation: bool = False           # DC5: dilate the last stage (C5 at stride 16)
+    pretrained_backbone: str | None = None  # local torchvision-format ResNet weights file
+    train_backbone: bool = True      # layer2-4 train (conv1 and layer1 never do)
+    num_feature_levels: int = 4      # L: C3-C5 plus one extra stride-2 level
+    hidden_dim: int = 256            # C
+    nheads: int = 8                  # M
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    enc_n_points: int = 4            # K in the encoder
+    dec_n_points: int = 4            # K in the decoder
+    num_queries: int = 300           # Q (also the number of two-stage proposals)
+    num_classes: int = 91            # sigmoid classes; COCO's ids go up to 90
+    aux_loss: bool = True            # losses on every decoder layer
+    with_box_refine: bool = False    # Sec. 4.2, iterative bounding box refinement
+    two_stage: bool = False          # Sec. 4.2, two-stage (needs with_box_refine)
+    op_backend: str = "auto"         # ms_deform_attn backend: auto / pytorch / cpu / cuda
+    # --- matcher and loss
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    focal_alpha: float = 0.25
+    num_select: int = 100            # detections kept per image by post-processing
+    # --- training (official recipe)
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1  # sampling_offsets and reference_points
+    weight_decay: float = 1e-4
+    batch_size: int = 2
+    epochs: int = 50
+    lr_drop: int = 40
+    clip_max_norm: float = 0.1
+
+    def replace(self, **changes) -> "Config":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def tiny() -> Config:
+    """Small enough to train on a 2-core CPU in minutes (ResNet-18, C=64, 2+2 layers)."""
+    return Config(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2,
+                  dim_feedforward=256, num_queries=30, num_classes=4, num_select=30,
+                  dropout=0.0, lr=2e-4, lr_backbone=2e-5, batch_size=4)
+
+
+PRESETS = {
+    "paper": Config,
+    "single_scale": lambda: Config(num_feature_levels=1),
+    "dc5": lambda: Config(dilation=True),
+    "box_refine": lambda: Config(with_box_refine=True),
+    "two_stage": lambda: Config(with_box_refine=True, two_stage=True),
+    "detr": lambda: Config(model="detr", num_queries=100, dim_feedforward=2048),
+    "tiny": tiny,
+}
+
+
+def get_config(name: str = "paper", **overrides) -> Config:
+    """A named preset with field overrides, e.g. get_config("tiny", with_box_refine=True)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; presets are {sorted(PRESETS)}")
+    return PRESETS[name]().replace(**overrides)
+
+
+def build_model(cfg: Config):
+    """-> (model, criterion, postprocessor) for `cfg`."""
+    if cfg.model not in ("deformable", "detr"):
+        raise ValueError(f"cfg.model must be 'deformable' or 'detr', got {cfg.model!r}")
+    if cfg.hidden_dim % 32 != 0:
+        raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32) in the input "
+                         f"projections), got {cfg.hidden_dim}")
+    detr = cfg.model == "detr"
+    backbone = build_backbone(name=cfg.backbone, hidden_dim=cfg.hidden_dim,
+                              train_backbone=cfg.train_backbone,
+                              return_interm_layers=cfg.num_feature_levels > 1 and not detr,
+                              dilation=cfg.dilation, pretrained=cfg.pretrained_backbone)
+    if detr:
+        model = DETR(backbone, cfg.num_classes, cfg.num_queries, cfg.hidden_dim, cfg.nheads,
+                     cfg.enc_layers, cfg.dec_layers, cfg.dim_feedforward, cfg.dropout,
+                     cfg.aux_loss)
+    else:
+        transformer = DeformableTransformer(
+            d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
+            num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
+            dropout=cfg.dropout, num_feature_levels=cfg.num_feature_levels,
+            dec_n_points=cfg.dec_n_points, enc_n_points=cfg.enc_n_points,
+            two_stage=cfg.two_stage, two_stage_num_proposals=cfg.num_queries,
+            backend=cfg.op_backend)
+        model = DeformableDETR(backbone, transformer, cfg.num_classes, cfg.num_queries,
+                               cfg.num_feature_levels, aux_loss=cfg.aux_loss,
+                               with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage)
+    matcher = HungarianMatcher(cost_class=cfg.set_cost_class, cost_bbox=cfg.set_cost_bbox,
+                               cost_giou=cfg.set_cost_giou, focal_alpha=cfg.focal_alpha)
+    weights = weight_dict(cls=cfg.cls_loss_coef, bbox=cfg.bbox_loss_coef,
+                          giou=cfg.giou_loss_coef, num_decoder_layers=cfg.dec_layers,
+                          aux_loss=cfg.aux_loss, two_stage=cfg.two_stage and not detr)
+    criterion = SetCriterion(cfg.num_classes, matcher, weights, focal_alpha=cfg.focal_alpha)
+    return model, criterion, PostProcess(cfg.num_select)

@@ -1,0 +1,282 @@
+"""Deformable DETR (+ iterative box refinement, + two-stage), a DETR baseline, post-processing.
+
+The forward pass reads like the paper's Fig. 1:
+backbone -> input projections -> flatten levels -> encoder -> decoder -> heads.
+Parameter names follow the official repository, so its checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .box_ops import box_cxcywh_to_xyxy
+from .transformer import DeformableTransformer, inverse_sigmoid
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (the box head: 3 layers, C -> C -> C -> 4)."""
+
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+def _input_projections(backbone, hidden_dim, num_feature_levels):
+    """1x1 conv + GroupNorm per backbone level, then 3x3 stride-2 convs for the
+    extra, coarser levels (C5 -> stride 64 in the paper's 4-level setting)."""
+    levels = min(len(backbone.num_channels), num_feature_levels)  # the last, coarsest ones
+    projections = [nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim))
+                   for c in backbone.num_channels[-levels:]]
+    in_channels = backbone.num_channels[-1]
+    for _ in range(num_feature_levels - len(projections)):
+        projections.append(nn.Sequential(
+            nn.Conv2d(in_channels, hidden_dim, kernel_size=3, stride=2, padding=1),
+            nn.GroupNorm(32, hidden_dim)))
+        in_channels = hidden_dim
+    for proj in projections:
+        nn.init.xavier_uniform_(proj[0].weight, gain=1)
+        nn.init.zeros_(proj[0].bias)
+    return nn.ModuleList(projections)
+
+
+class DeformableDETR(nn.Module):
+    """The detector of the paper.
+
+    backbone: a `Joiner` (backbone + position encoding) with `num_channels`;
+    transformer: `DeformableTransformer`; num_classes: sigmoid classes (no
+    "no-object" logit); num_queries: object queries (Q); aux_loss: return
+    every decoder layer's predictions; with_box_refine, two_stage: Sec. 4.2.
+    """
+
+    def __init__(self, backbone, transformer: DeformableTransformer, num_classes: int,
+                 num_queries: int, num_feature_levels: int, aux_loss: bool = True,
+                 with_box_refine: bool = False, two_stage: bool = False):
+        super().__init__()
+        if two_stage and not with_box_refine:
+            raise ValueError("two_stage=True needs with_box_refine=True: the proposals are "
+                             "refined by per-layer box heads (as in the official code)")
+        if two_stage != transformer.two_stage:
+            raise ValueError(f"two_stage={two_stage} but the transformer was built with "
+                             f"two_stage={transformer.two_stage}")
+        self.num_queries, self.num_feature_levels = num_queries, num_feature_levels
+        self.aux_loss, self.with_box_refine, self.two_stage = aux_loss, with_box_refine, two_stage
+        self.transformer = transformer
+        self.backbone = backbone
+        C = transformer.d_model
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, 2 * C)  # (position, content) halves
+        self.input_proj = _input_projections(backbone, C, num_feature_levels)
+        self.class_embed, self.bbox_embed = self._heads(C, num_classes, transformer.decoder.num_layers)
+
+    def _heads(self, C, num_classes, num_layers):
+        """Class and box heads, one per decoder layer (+1 for two-stage proposals):
+        separate modules with box refinement, else one module shared by all."""
+        class_embed = nn.Linear(C, num_classes)
+        bbox_embed = MLP(C, C, 4, 3)
+        prior = 0.01  # focal-loss prior: every query starts as background
+        nn.init.constant_(class_embed.bias, -math.log((1 - prior) / prior))
+        nn.init.zeros_(bbox_embed.layers[-1].weight)
+        nn.init.zeros_(bbox_embed.layers[-1].bias)
+        # Zero offsets plus bias -2 on (w, h): first boxes are small, sigmoid(-2) = 0.12.
+        nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+        n = num_layers + 1 if self.two_stage else num_layers
+        if self.with_box_refine:
+            class_heads = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(n))
+            box_heads = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(n))
+            for head in box_heads[1:]:
+                nn.init.zeros_(head.layers[-1].bias[2:])  # later layers refine, not resize
+            self.transformer.decoder.bbox_embed = box_heads
+        else:
+            class_heads = nn.ModuleList([class_embed] * n)
+            box_heads = nn.ModuleList([bbox_embed] * n)
+        if self.two_stage:
+            self.transformer.decoder.class_embed = class_heads
+            for head in box_heads:
+                nn.init.zeros_(head.layers[-1].bias[2:])  # proposals carry the size
+        return class_heads, box_heads
+
+    def forward(self, images, mask):
+        """images: (N, 3, H, W) normalized; mask: (N, H, W) bool, True on padding.
+
+        Returns a dict: pred_logits (N, Q, classes), pred_boxes (N, Q, 4) cxcywh
+        in [0, 1] of each unpadded image, aux_outputs (earlier decoder layers)
+        and, for two-stage, enc_outputs (the encoder's proposals).
+        """
+        features, masks, pos = self.backbone(images, mask)
+        srcs, masks, pos = self.project(features, masks, pos, mask)
+        query_embed = None if self.two_stage else self.query_embed.weight
+        hs, init_reference, references, enc_class, enc_coord_unact = \
+            self.transformer(srcs, masks, pos, query_embed)
+        logits, boxes = self.predict(hs, init_reference, references)
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
+                                  for a, b in zip(logits[:-1], boxes[:-1])]
+        if self.two_stage:
+            out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
+        return out
+
+    def project(self, features, masks, pos, image_mask):
+        """Backbone maps -> L maps of width C, adding the extra strided levels."""
+        levels = min(len(features), self.num_feature_levels)
+        srcs = [self.input_proj[lvl](feat) for lvl, feat in enumerate(features[-levels:])]
+        masks, pos = list(masks[-levels:]), list(pos[-levels:])
+        for lvl in range(levels, self.num_feature_levels):
+            src = self.input_proj[lvl](features[-1] if lvl == levels else srcs[-1])
+            level_mask = F.interpolate(image_mask[None].float(), size=src.shape[-2:])[0].bool()
+            srcs.append(src)
+            masks.append(level_mask)
+            pos.append(self.backbone[1](level_mask).to(src.dtype))
+        return srcs, masks, pos
+
+    def predict(self, hs, init_reference, references):
+        """Per decoder layer: class logits, and boxes as offsets in logit space from
+        the layer's reference. hs: (layers, N, Q, C). Returns (layers, N, Q, ...)."""
+        logits, boxes = [], []
+        for lvl in range(hs.shape[0]):
+            reference = inverse_sigmoid(init_reference if lvl == 0 else references[lvl - 1])
+            delta = self.bbox_embed[lvl](hs[lvl])
+            if reference.shape[-1] == 4:
+                delta = delta + reference
+            else:
+                delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+            logits.append(self.class_embed[lvl](hs[lvl]))
+            boxes.append(delta.sigmoid())
+        return torch.stack(logits), torch.stack(boxes)
+
+
+# ------------------------------------------------------------------------- DETR baseline
+
+class DETREncoderLayer(nn.Module):
+    """Dense self-attention over all pixels of one map (O(S^2)), FFN, post-norm."""
+
+    def __init__(self, d_model, nhead, dim_feedforward, dropout):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, src, pos, padding_mask):
+        q = k = src + pos
+        attended = self.self_attn(q, k, src, key_padding_mask=padding_mask, need_weights=False)[0]
+        src = self.norm1(src + self.dropout(attended))
+        return self.norm2(src + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(src))))))
+
+
+class DETRDecoderLayer(nn.Module):
+    """Query self-attention, dense cross-attention to every pixel, FFN, post-norm."""
+
+    def __init__(self, d_model, nhead, dim_feedforward, dropout):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt, query_pos, memory, pos, padding_mask):
+        q = k = tgt + query_pos
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        attended = self.cross_attn(tgt + query_pos, memory + pos, memory,
+                                   key_padding_mask=padding_mask, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout(attended))
+        return self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+
+
+class DETR(nn.Module):
+    """The DETR baseline (Carion et al. 2020) on the same backbone, for comparisons.
+
+    Single scale (the last backbone map), dense attention in the encoder and
+    decoder, learned queries decoded from zeros. Classification uses sigmoid
+    focal loss like Deformable DETR (the paper's "DETR-DC5+" setting), so the
+    two share one criterion and post-processor.
+    """
+
+    def __init__(self, backbone, num_classes, num_queries=100, d_model=256, nhead=8,
+                 num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
+                 dropout=0.1, aux_loss=True):
+        super().__init__()
+        self.backbone, self.aux_loss = backbone, aux_loss
+        self.input_proj = nn.Conv2d(backbone.num_channels[-1], d_model, kernel_size=1)
+        self.encoder = nn.ModuleList(DETREncoderLayer(d_model, nhead, dim_feedforward, dropout)
+                                     for _ in range(num_encoder_layers))
+        self.decoder = nn.ModuleList(DETRDecoderLayer(d_model, nhead, dim_feedforward, dropout)
+                                     for _ in range(num_decoder_layers))
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self.query_embed = nn.Embedding(num_queries, d_model)
+        self.class_embed = nn.Linear(d_model, num_classes)
+        self.bbox_embed = MLP(d_model, d_model, 4, 3)
+        for name, p in self.named_parameters():
+            if p.dim() > 1 and not name.startswith("backbone"):
+                nn.init.xavier_uniform_(p)
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
+
+    def forward(self, images, mask):
+        """Same inputs and outputs as `DeformableDETR.forward` (no enc_outputs)."""
+        features, masks, pos = self.backbone(images, mask)
+        src = self.input_proj(features[-1]).flatten(2).transpose(1, 2)  # (N, S, C)
+        pos = pos[-1].flatten(2).transpose(1, 2)
+        padding = masks[-1].flatten(1)  # (N, S)
+        for layer in self.encoder:
+            src = layer(src, pos, padding)
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(src.shape[0], -1, -1)
+        tgt = torch.zeros_like(query_pos)
+        hs = []
+        for layer in self.decoder:
+            tgt = layer(tgt, query_pos, src, pos, padding)
+            hs.append(self.decoder_norm(tgt))
+        hs = torch.stack(hs)  # (layers, N, Q, C)
+        logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
+                                  for a, b in zip(logits[:-1], boxes[:-1])]
+        return out
+
+
+# ------------------------------------------------------------------------- post-processing
+
+class PostProcess(nn.Module):
+    """Model outputs -> per-image detections in absolute xyxy pixels.
+
+    Scores are sigmoid probabilities; the top `num_select` over all
+    (query, class) pairs are kept, so one query may yield several classes.
+    """
+
+    def __init__(self, num_select: int = 100):
+        super().__init__()
+        self.num_select = num_select
+
+    @torch.no_grad()
+    def forward(self, outputs, target_sizes):
+        """target_sizes: (N, 2) as (h, w) of the original images. Returns a list of
+        dicts with scores (k,), labels (k,), boxes (k, 4) xyxy."""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        if target_sizes.shape != (logits.shape[0], 2):
+            raise ValueError(f"target_sizes must be (N, 2) = ({logits.shape[0]}, 2), got "
+                             f"{tuple(target_sizes.shape)}")
+        N, Q, classes = logits.shape
+        probs = logits.sigmoid().flatten(1)  # (N, Q * classes)
+        k = min(self.num_select, Q * classes)
+        scores, index = probs.topk(k, dim=1)
+        query, labels = index // classes, index % classes
+        boxes_xyxy = box_cxcywh_to_xyxy(boxes.float())
+        boxes_xyxy = torch.gather(boxes_xyxy, 1, query[..., None].expand(-1, -1, 4))
+        h, w = target_sizes.float().unbind(1)
+        boxes_xyxy = boxes_xyxy * torch.stack([w, h, w, h], 1)[:, None]
+        return [{"scores": s, "labels": lab, "boxes": b}
+                for s, lab, b in zip(scores, labels, boxes_xyxy)]
