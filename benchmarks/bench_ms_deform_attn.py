@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import machine  # noqa: E402
 from ddetr_tutorial.ops import loader, ms_deform_attn  # noqa: E402
 
 LEVELS = {
@@ -167,23 +167,6 @@ def worker(config: str, backend: str, device: str, dtype_name: str, mode: str,
             result["hbm_floor_us"] = moved / bandwidth * 1e6
             result["x_of_hbm_floor"] = result["median_ms"] * 1e3 / result["hbm_floor_us"]
     return result
-
-
-def machine() -> dict:
-    info = {"hostname": platform.node(), "platform": platform.platform(),
-            "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "cuda": torch.version.cuda,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in f
-                                     if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def available_devices() -> list[str]:
