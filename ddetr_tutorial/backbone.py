@@ -225,19 +225,29 @@ class Backbone(nn.Module):
     `return_interm_layers`, else C5 only, each with the padding mask resized to it.
     As the official model, conv1 and layer1 never train, and nothing trains when
     `train_backbone` is False. `pretrained`: a local torchvision-format state dict.
+
+    For a backbone trained from scratch (no ImageNet weights, as the `tiny`
+    config on shapes), `train_stem=True` trains conv1 and layer1 too and
+    `norm="batch"` uses trainable BatchNorm2d: frozen identity statistics and
+    frozen random filters would otherwise stay as they were initialised.
     """
 
     def __init__(self, name: str = "resnet50", train_backbone: bool = True,
                  return_interm_layers: bool = True, dilation: bool = False,
-                 pretrained: str | os.PathLike | None = None):
+                 pretrained: str | os.PathLike | None = None, norm: str = "frozen",
+                 train_stem: bool = False):
         super().__init__()
+        if norm not in ("frozen", "batch"):
+            raise ValueError(f"norm must be 'frozen' or 'batch', got {norm!r}")
         self.body = resnet(name, dilation=dilation)
         if pretrained is not None:
             load_resnet_weights(self.body, pretrained)
+        if norm == "batch":
+            unfreeze_batch_norm(self.body)
+        trained = ("layer2", "layer3", "layer4") + (("conv1", "bn1", "layer1") if train_stem else ())
         for pname, param in self.body.named_parameters():
             # The stem and layer1 stay at their ImageNet values (low-level filters).
-            trainable = train_backbone and any(f"layer{i}" in pname for i in (2, 3, 4))
-            param.requires_grad_(trainable)
+            param.requires_grad_(train_backbone and pname.startswith(trained))
         self.levels = [1, 2, 3] if return_interm_layers else [3]  # indices into [C2..C5]
         strides = [4, 8, 16, 16 if dilation else 32]
         self.strides = [strides[i] for i in self.levels]
@@ -254,6 +264,22 @@ class Backbone(nn.Module):
         features = [maps[i] for i in self.levels]
         masks = [resize_mask(mask, f.shape[-2:]) for f in features]
         return features, masks
+
+
+def unfreeze_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every FrozenBatchNorm2d in `module` by a trainable BatchNorm2d with the
+    same statistics and affine terms (state-dict keys stay the same, plus
+    `num_batches_tracked`)."""
+    for name, child in module.named_children():
+        if isinstance(child, FrozenBatchNorm2d):
+            bn = nn.BatchNorm2d(child.weight.shape[0], eps=child.eps)
+            with torch.no_grad():
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(bn, key).copy_(getattr(child, key))
+            setattr(module, name, bn)
+        else:
+            unfreeze_batch_norm(child)
+    return module
 
 
 def resize_mask(mask: torch.Tensor, size) -> torch.Tensor:
@@ -299,13 +325,14 @@ class Joiner(nn.Sequential):
 
 def build_backbone(*, name: str = "resnet50", hidden_dim: int = 256, train_backbone: bool = True,
                    return_interm_layers: bool = True, dilation: bool = False,
-                   pretrained: str | os.PathLike | None = None) -> Joiner:
+                   pretrained: str | os.PathLike | None = None, norm: str = "frozen",
+                   train_stem: bool = False) -> Joiner:
     """Backbone + sine position encoding of width hidden_dim (C), as the detector uses them."""
     backbone = Backbone(name, train_backbone=train_backbone,
                         return_interm_layers=return_interm_layers, dilation=dilation,
-                        pretrained=pretrained)
+                        pretrained=pretrained, norm=norm, train_stem=train_stem)
     return Joiner(backbone, build_position_encoding(hidden_dim=hidden_dim))
 
 
-__all__ = ["FrozenBatchNorm2d", "BasicBlock", "Bottleneck", "ResNet", "resnet",
+__all__ = ["FrozenBatchNorm2d", "unfreeze_batch_norm", "BasicBlock", "Bottleneck", "ResNet", "resnet",
            "load_resnet_weights", "Backbone", "Joiner", "build_backbone", "resize_mask"]

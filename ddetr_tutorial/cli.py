@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 
 def build_ops(args) -> int:
@@ -30,10 +32,183 @@ def build_ops(args) -> int:
     return 1 if failed else 0
 
 
+def _parse_overrides(items):
+    """['lr=1e-4', 'with_box_refine=true'] -> {'lr': 0.0001, 'with_box_refine': True}."""
+    import ast
+
+    overrides = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        lowered = text.strip().lower()
+        if lowered in ("true", "false", "none"):
+            overrides[key] = {"true": True, "false": False, "none": None}[lowered]
+            continue
+        try:
+            overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[key] = text
+    return overrides
+
+
+def _datasets(args, cfg, splits=("train", "val"), category_ids=None):
+    """COCO datasets from --data (a make-data folder) or explicit --*-ann/--*-images."""
+    from .config import build_transforms
+    from .data import CocoDetection
+
+    sets = {}
+    for split in splits:
+        ann = getattr(args, f"{split}_ann", None)
+        images = getattr(args, f"{split}_images", None)
+        if ann is None:
+            if args.data is None:
+                raise SystemExit(f"give --data or --{split}-ann and --{split}-images")
+            ann = Path(args.data) / "annotations" / f"instances_{split}.json"
+            images = Path(args.data) / split
+        if "train" in sets:  # validation labels follow the training set's order
+            category_ids = sets["train"].category_ids
+        sets[split] = CocoDetection(images, ann, build_transforms(cfg, "train" if split == "train"
+                                                                  else "val"),
+                                    category_ids=category_ids)
+    return sets
+
+
+def make_data(args) -> int:
+    from .data import make_shapes
+
+    start = time.perf_counter()
+    summary = make_shapes(args.out, num_train=args.train, num_val=args.val, size=args.size,
+                          seed=args.seed)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def train(args) -> int:
+    from .config import get_config
+    from .engine import fit
+
+    cfg = get_config(args.config, **_parse_overrides(args.set))
+    sets = _datasets(args, cfg)
+    if cfg.num_classes < len(sets["train"].category_ids):
+        cfg = cfg.replace(num_classes=len(sets["train"].category_ids))
+    fit(cfg, sets["train"], sets["val"], args.out, epochs=args.epochs, resume=args.resume,
+        seed=args.seed, num_workers=args.workers, device=args.device, amp=args.amp,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        keep_last=args.keep_last, max_steps=args.max_steps, progress=not args.quiet)
+    return 0
+
+
+def evaluate(args) -> int:
+    from .checkpoints import load_model
+    from .data import collate_fn
+    from .engine import evaluate as run_evaluation
+    from .engine import make_loader
+
+    model, cfg, postprocess, meta = load_model(args.checkpoint, device=args.device)
+    split = args.split
+    dataset = _datasets(args, cfg, splits=(split,), category_ids=meta.get("category_ids"))[split]
+    loader = make_loader(dataset, cfg.batch_size, False, collate_fn, num_workers=args.workers)
+    device = next(model.parameters()).device
+    metrics, table = run_evaluation(model, postprocess, loader, dataset.coco,
+                                    dataset.category_ids, device, progress=not args.quiet)
+    print(table.rstrip())
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def predict(args) -> int:
+    from .checkpoints import load_model
+
+    model, cfg, postprocess, meta = load_model(args.checkpoint, device=args.device)
+    written = predict_images(model, cfg, postprocess, args.images, args.out,
+                             threshold=args.threshold,
+                             class_names=args.names or meta.get("class_names"),
+                             category_ids=meta.get("category_ids"))
+    print(f"wrote {written} to {args.out}")
+    return 0
+
+
+def _add_data_args(p, splits):
+    p.add_argument("--data", help="a dataset folder as written by make-data: "
+                   "annotations/instances_<split>.json and <split>/ images")
+    for split in splits:
+        p.add_argument(f"--{split}-ann", help=f"COCO instances JSON of the {split} split "
+                       "(instead of --data)")
+        p.add_argument(f"--{split}-images", help=f"image folder of the {split} split")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ddetr_tutorial",
                                      description="Deformable DETR, built piece by piece.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("make-data", help="write a synthetic COCO-format dataset",
+                            description="Write a synthetic dataset of coloured shapes as COCO "
+                            "JSON + PNG images (deterministic per seed).")
+    p.add_argument("kind", choices=["shapes"], help="which dataset (shapes)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
+    p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=make_data)
+
+    p = commands.add_parser("train", help="train a detector",
+                            description="Train a detector on a COCO-format dataset, evaluating "
+                            "with pycocotools after every epoch. Writes checkpoints (last K and "
+                            "best), log.jsonl and curves.png to --out. Under `torchrun "
+                            "--nproc_per_node=G -m ddetr_tutorial train ...` it trains with "
+                            "DistributedDataParallel (nccl on GPU, gloo on CPU).")
+    p.add_argument("--config", default="tiny", help="preset: tiny, paper, single_scale, dc5, "
+                   "box_refine, two_stage, detr (default tiny)")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                   help="override config fields, e.g. --set lr=1e-4 with_box_refine=true")
+    _add_data_args(p, ("train", "val"))
+    p.add_argument("--out", required=True, help="output folder for checkpoints and logs")
+    p.add_argument("--epochs", type=int, default=None, help="default: the config's epochs")
+    p.add_argument("--resume", help="a checkpoint to continue from exactly")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="mixed precision (CUDA)")
+    p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also checkpoint every N steps (default: only at epoch ends)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept besides the best")
+    p.add_argument("--max-steps", type=int, default=None, help="stop (and checkpoint) after N steps")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=train)
+
+    p = commands.add_parser("evaluate", help="COCO evaluation of a checkpoint",
+                            description="Evaluate a checkpoint with pycocotools COCOeval (bbox) "
+                            "and print the standard table.")
+    p.add_argument("--checkpoint", required=True)
+    _add_data_args(p, ("val",))
+    p.add_argument("--split", default="val", help="split name under --data (default val)")
+    p.add_argument("--out", help="also write the metrics as JSON here")
+    p.add_argument("--device", default=None)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=evaluate)
+
+    p = commands.add_parser("predict", help="detect objects in images",
+                            description="Run a checkpoint on images: writes predictions.json "
+                            "(COCO result format, with file names) and an annotated PNG per "
+                            "image to --out.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, default=0.5, help="drawn score threshold")
+    p.add_argument("--names", nargs="*", help="class names in label order (default: from the "
+                   "checkpoint, else numbers)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=predict)
+
     p = commands.add_parser("build-ops", help="compile the C++/CUDA kernels of ms_deform_attn",
                             description="Compile the C++ CPU and CUDA kernels of ms_deform_attn "
                             "into the extension cache ($TORCH_EXTENSIONS_DIR), or find them "
@@ -48,3 +223,60 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     return args.func(args)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _image_files(paths):
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {path}")
+    return files
+
+
+def predict_images(model, cfg, postprocess, paths, out_dir, threshold=0.5, class_names=None,
+                   category_ids=None):
+    """Detect objects in image files: writes predictions.json (COCO result format
+    plus file_name) and <name>_detections.png per image. Returns the JSON path."""
+    import matplotlib.pyplot as plt
+    import torch
+    from PIL import Image
+
+    from .config import build_transforms
+    from .data import collate_fn
+    from .visualize import draw_detections
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    transform = build_transforms(cfg, "val")
+    device = next(model.parameters()).device
+    model.eval()
+    results = []
+    for path in _image_files(paths):
+        image = Image.open(path).convert("RGB")
+        tensor, _ = transform(image, None)
+        images, mask, _ = collate_fn([(tensor, {})])
+        with torch.no_grad():
+            outputs = model(images.to(device), mask.to(device))
+        size = torch.tensor([[image.height, image.width]], device=device)
+        det = {k: v.cpu() for k, v in postprocess(outputs, size)[0].items()}
+        keep = det["scores"] >= threshold
+        for box, score, label in zip(det["boxes"][keep].tolist(), det["scores"][keep].tolist(),
+                                     det["labels"][keep].tolist()):
+            x0, y0, x1, y1 = box
+            category = category_ids[label] if category_ids else label
+            results.append({"file_name": path.name, "category_id": int(category),
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
+        fig = draw_detections(image, det["boxes"][keep], det["labels"][keep],
+                              det["scores"][keep], class_names, title=path.name)
+        fig.savefig(out_dir / f"{path.stem}_detections.png", dpi=120)
+        plt.close(fig)
+    out = out_dir / "predictions.json"
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    return out

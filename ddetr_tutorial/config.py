@@ -22,7 +22,9 @@ class Config:
     backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50
     dilation: bool = False           # DC5: dilate the last stage (C5 at stride 16)
     pretrained_backbone: str | None = None  # local torchvision-format ResNet weights file
-    train_backbone: bool = True      # layer2-4 train (conv1 and layer1 never do)
+    train_backbone: bool = True      # layer2-4 train (conv1 and layer1 never do, by default)
+    backbone_norm: str = "frozen"    # "frozen" (ImageNet statistics) or "batch" (from scratch)
+    train_backbone_stem: bool = False  # also train conv1 and layer1 (from scratch)
     num_feature_levels: int = 4      # L: C3-C5 plus one extra stride-2 level
     hidden_dim: int = 256            # C
     nheads: int = 8                  # M
@@ -56,6 +58,9 @@ class Config:
     epochs: int = 50
     lr_drop: int = 40
     clip_max_norm: float = 0.1
+    # --- data augmentation: the paper's recipe (short side 480-800, max 1333, crops),
+    # or, with image_size set, the same recipe scaled to images of that many pixels
+    image_size: int | None = None
 
     def replace(self, **changes) -> "Config":
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -68,10 +73,12 @@ class Config:
 
 
 def tiny() -> Config:
-    """Small enough to train on a 2-core CPU in minutes (ResNet-18, C=64, 2+2 layers)."""
+    """Small enough to train on a 2-core CPU in minutes (ResNet-18, C=64, 2+2 layers).
+    No ImageNet weights here, so the whole backbone trains, with BatchNorm."""
     return Config(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=2, dec_layers=2,
+                  backbone_norm="batch", train_backbone_stem=True,
                   dim_feedforward=256, num_queries=30, num_classes=4, num_select=30,
-                  dropout=0.0, lr=2e-4, lr_backbone=2e-5, batch_size=4)
+                  dropout=0.0, lr=2e-4, lr_backbone=2e-5, batch_size=4, image_size=128)
 
 
 PRESETS = {
@@ -92,6 +99,13 @@ def get_config(name: str = "paper", **overrides) -> Config:
     return PRESETS[name]().replace(**overrides)
 
 
+def build_transforms(cfg: Config, split: str):
+    """The augmentation of `split` ('train' or 'val') for `cfg`."""
+    from .data import make_transforms, scale_for
+
+    return make_transforms(split, **(scale_for(cfg.image_size) if cfg.image_size else {}))
+
+
 def build_model(cfg: Config):
     """-> (model, criterion, postprocessor) for `cfg`."""
     if cfg.model not in ("deformable", "detr"):
@@ -103,7 +117,8 @@ def build_model(cfg: Config):
     backbone = build_backbone(name=cfg.backbone, hidden_dim=cfg.hidden_dim,
                               train_backbone=cfg.train_backbone,
                               return_interm_layers=cfg.num_feature_levels > 1 and not detr,
-                              dilation=cfg.dilation, pretrained=cfg.pretrained_backbone)
+                              dilation=cfg.dilation, pretrained=cfg.pretrained_backbone,
+                              norm=cfg.backbone_norm, train_stem=cfg.train_backbone_stem)
     if detr:
         model = DETR(backbone, cfg.num_classes, cfg.num_queries, cfg.hidden_dim, cfg.nheads,
                      cfg.enc_layers, cfg.dec_layers, cfg.dim_feedforward, cfg.dropout,
