@@ -427,7 +427,7 @@ def training_state(model, optimizer, scheduler, scaler, cfg, epoch: int, step_in
         "rng": rng, "best_ap": best_ap,
         "config": cfg.to_dict(),
         "meta": dict(meta or {}),
-        "versions": {"ddetr_tutorial": ddetr_tutorial.__version__, "torch": torch.__version__},
+        "versions": {"ddetr_tutorial": ddetr_tutorial.__version__, "torch": str(torch.__version__)},
     }
 
 

@@ -45,9 +45,10 @@ def param_groups(model, cfg) -> list[dict]:
             linear_proj.append(p)
         else:
             rest.append(p)
-    groups = [{"params": rest, "lr": cfg.lr},
-              {"params": backbone, "lr": cfg.lr_backbone},
-              {"params": linear_proj, "lr": cfg.lr * cfg.lr_linear_proj_mult}]
+    groups = [{"name": "default", "params": rest, "lr": cfg.lr},
+              {"name": "backbone", "params": backbone, "lr": cfg.lr_backbone},
+              {"name": "linear_proj", "params": linear_proj,
+               "lr": cfg.lr * cfg.lr_linear_proj_mult}]
     return [g for g in groups if g["params"]]
 
 
@@ -227,7 +228,7 @@ def train_step(model, criterion, batch, optimizer, device, clip_max_norm=0.1,
     losses = criterion(outputs, targets)  # in float32 (the criterion upcasts)
     loss = total_loss(losses, criterion.weight_dict)
     if not torch.isfinite(loss):
-        terms = {k: round(float(v), 4) for k, v in losses.items()}
+        terms = {k: round(float(v.detach()), 4) for k, v in losses.items()}
         raise FloatingPointError(f"the loss is {loss.item()}; its terms: {terms}")
     optimizer.zero_grad(set_to_none=True)
     params = [p for group in optimizer.param_groups for p in group["params"]]
