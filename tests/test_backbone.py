@@ -2,7 +2,6 @@
 strides and masks, pretrained loading, and the Joiner with position encodings."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,24 +11,11 @@ from torch import nn
 from ddetr_tutorial.backbone import (Backbone, FrozenBatchNorm2d, Joiner, build_backbone,
                                      resize_mask, resnet)
 from ddetr_tutorial.position_encoding import PositionEmbeddingSine
-
-# The key list of the official model (made by instantiating the official code):
-# tests/reference in the repository, else the team's shared/reference.
-_TESTS = Path(__file__).resolve().parent
-OFFICIAL_KEYS = next((d / "official_keys_base.txt" for d in
-                      (_TESTS / "reference", _TESTS.parents[1] / "shared" / "reference")
-                      if (d / "official_keys_base.txt").exists()),
-                     _TESTS / "reference" / "official_keys_base.txt")
-
+from official import official_keys
 
 def official_backbone_shapes():
     """{key: shape} for the backbone.0.body.* lines of the official base model."""
-    shapes = {}
-    for line in OFFICIAL_KEYS.read_text().splitlines():
-        key, shape = line.split("\t")
-        if key.startswith("backbone.0.body."):
-            shapes[key] = tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())
-    return shapes
+    return {k: s for k, s in official_keys("base").items() if k.startswith("backbone.0.body.")}
 
 
 def images_and_mask(N=2, H=97, W=130, seed=0):
@@ -45,7 +31,6 @@ def r50():
     return Backbone("resnet50")
 
 
-@pytest.mark.skipif(not OFFICIAL_KEYS.exists(), reason="shared/reference key list not available")
 def test_resnet50_keys_and_shapes_equal_the_official_checkpoint(r50):
     expected = official_backbone_shapes()
     assert len(expected) == 265  # paper_data.md §2.1: 265 backbone keys
@@ -56,7 +41,6 @@ def test_resnet50_keys_and_shapes_equal_the_official_checkpoint(r50):
     assert not any("num_batches_tracked" in k or ".fc." in k for k in ours)
 
 
-@pytest.mark.skipif(not OFFICIAL_KEYS.exists(), reason="shared/reference key list not available")
 def test_synthetic_official_state_dict_loads_strictly(r50):
     g = torch.Generator().manual_seed(1)
     prefix = "backbone.0."

@@ -6,7 +6,6 @@ shared heads sharing values as in a real file.
 """
 
 import argparse
-import ast
 import math
 import pickle
 import re
@@ -23,19 +22,10 @@ from ddetr_tutorial.checkpoints import (
     official_to_hf,
 )
 from ddetr_tutorial.config import build_model, get_config
+from official import PRESET_KEYS, official_keys
 
-REFERENCE = Path(__file__).resolve().parent / "reference"
-KEY_FILES = {"paper": "base", "single_scale": "single_scale", "box_refine": "box_refine",
-             "two_stage": "two_stage"}
+KEY_FILES = PRESET_KEYS
 CLEAN = ([], [], [])  # LoadResult of a strict load: nothing missing, unexpected or mis-shaped
-
-
-def official_keys(name):
-    keys = {}
-    for line in (REFERENCE / f"official_keys_{name}.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        keys[key] = tuple(ast.literal_eval(shape))
-    return keys
 
 
 def shared_source(key, refine):

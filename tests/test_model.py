@@ -1,7 +1,5 @@
 """The detector: official state-dict layout, every variant trains, padding, errors."""
 
-import ast
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,12 +7,9 @@ import torch
 from ddetr_tutorial.config import build_model, get_config
 from ddetr_tutorial.losses import total_loss
 from ddetr_tutorial.model import PostProcess
+from official import PRESET_KEYS, official_keys
 
-# State-dict keys and shapes of the four official variants, listed from the
-# official code (fundamentalvision/Deformable-DETR @ 11169a6).
-REFERENCE = Path(__file__).resolve().parent / "reference"
-OFFICIAL = {"paper": "base", "single_scale": "single_scale", "box_refine": "box_refine",
-            "two_stage": "two_stage"}
+OFFICIAL = PRESET_KEYS
 VARIANTS = {
     "plain": {},
     "single_scale": {"num_feature_levels": 1},
@@ -23,14 +18,6 @@ VARIANTS = {
     "dc5": {"dilation": True},
     "detr": {"model": "detr"},
 }
-
-
-def official_keys(name):
-    keys = {}
-    for line in (REFERENCE / f"official_keys_{name}.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        keys[key] = tuple(ast.literal_eval(shape))
-    return keys
 
 
 @pytest.mark.parametrize("preset", list(OFFICIAL))
