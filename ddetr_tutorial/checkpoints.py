@@ -182,6 +182,10 @@ def _load_state(model: nn.Module, state: StateDict, strict: bool, *, fill_shared
              if not k.endswith(_PROFILER_SUFFIXES)
              # FrozenBatchNorm2d keeps no step counter; nn.BatchNorm2d saves one.
              and (k in expected or not k.endswith("num_batches_tracked"))}
+    for key in expected:
+        # ...and a trainable BatchNorm's counter is absent from frozen-BN files: keep ours.
+        if key.endswith("num_batches_tracked"):
+            state.setdefault(key, expected[key])
     groups = _shared_groups(model)
     if fill_shared:
         # safetensors cannot store one tensor under two names, so HF's saving keeps
