@@ -25,6 +25,7 @@ demo: venv
 	$(PY) benchmarks/bench_ms_deform_attn.py --configs tiny --out $(OUT)/bench_ms_deform_attn.json --figure $(OUT)/bench_ms_deform_attn.png
 
 lab: venv
+	mkdir -p notebooks
 	$(VENV)/bin/jupyter lab notebooks/
 
 build-ops: venv

@@ -117,22 +117,27 @@ class ResNet(nn.Module):
 
     C2..C5 have strides 4, 8, 16, 32 (each map is ceil(H / stride) x ceil(W / stride))
     and widths 64, 128, 256, 512 times `block.expansion`. With `dilation`, layer4
-    keeps stride 16 and dilates its 3x3 convs by 2 instead ("DC5").
+    keeps stride 16 and dilates its 3x3 convs by 2 instead ("DC5"). `width` scales
+    the channels (64 is torchvision's; 32 gives a quarter of the weights and
+    FLOPs, for small models trained from scratch).
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int],
-                 dilation: bool = False):
+                 dilation: bool = False, width: int = 64):
         super().__init__()
-        self.in_ch, self.dilation = 64, 1
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = FrozenBatchNorm2d(64)
+        if not isinstance(width, int) or width < 8:
+            raise ValueError(f"width must be an int >= 8, got {width!r}")
+        planes = [width, 2 * width, 4 * width, 8 * width]
+        self.in_ch, self.dilation = width, 1
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = FrozenBatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilation)
-        self.num_channels = [c * block.expansion for c in (64, 128, 256, 512)]
+        self.layer1 = self._make_layer(block, planes[0], layers[0])
+        self.layer2 = self._make_layer(block, planes[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, planes[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, planes[3], layers[3], stride=2, dilate=dilation)
+        self.num_channels = [c * block.expansion for c in planes]
         self._init_weights()
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1,
@@ -176,12 +181,12 @@ RESNETS = {
 }
 
 
-def resnet(name: str, dilation: bool = False) -> ResNet:
+def resnet(name: str, dilation: bool = False, width: int = 64) -> ResNet:
     """A randomly initialized ResNet body by torchvision name ('resnet18', ..., 'resnet101')."""
     if name not in RESNETS:
         raise ValueError(f"unknown backbone {name!r}, expected one of {sorted(RESNETS)}")
     block, layers = RESNETS[name]
-    return ResNet(block, layers, dilation=dilation)
+    return ResNet(block, layers, dilation=dilation, width=width)
 
 
 def load_resnet_weights(body: ResNet, path: str | os.PathLike) -> None:
@@ -235,11 +240,11 @@ class Backbone(nn.Module):
     def __init__(self, name: str = "resnet50", train_backbone: bool = True,
                  return_interm_layers: bool = True, dilation: bool = False,
                  pretrained: str | os.PathLike | None = None, norm: str = "frozen",
-                 train_stem: bool = False):
+                 train_stem: bool = False, width: int = 64):
         super().__init__()
         if norm not in ("frozen", "batch"):
             raise ValueError(f"norm must be 'frozen' or 'batch', got {norm!r}")
-        self.body = resnet(name, dilation=dilation)
+        self.body = resnet(name, dilation=dilation, width=width)
         if pretrained is not None:
             load_resnet_weights(self.body, pretrained)
         if norm == "batch":
@@ -326,11 +331,11 @@ class Joiner(nn.Sequential):
 def build_backbone(*, name: str = "resnet50", hidden_dim: int = 256, train_backbone: bool = True,
                    return_interm_layers: bool = True, dilation: bool = False,
                    pretrained: str | os.PathLike | None = None, norm: str = "frozen",
-                   train_stem: bool = False) -> Joiner:
+                   train_stem: bool = False, width: int = 64) -> Joiner:
     """Backbone + sine position encoding of width hidden_dim (C), as the detector uses them."""
     backbone = Backbone(name, train_backbone=train_backbone,
                         return_interm_layers=return_interm_layers, dilation=dilation,
-                        pretrained=pretrained, norm=norm, train_stem=train_stem)
+                        pretrained=pretrained, norm=norm, train_stem=train_stem, width=width)
     return Joiner(backbone, build_position_encoding(hidden_dim=hidden_dim))
 
 

@@ -19,7 +19,8 @@ from .transformer import DeformableTransformer
 class Config:
     # --- model (paper Sec. 5 "Implementation details")
     model: str = "deformable"        # "deformable", or "detr" for the dense DETR baseline
-    backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50
+    backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50 / resnet101
+    backbone_width: int = 64         # base channels (64 = torchvision; 32 = a quarter the cost)
     dilation: bool = False           # DC5: dilate the last stage (C5 at stride 16)
     pretrained_backbone: str | None = None  # local torchvision-format ResNet weights file
     train_backbone: bool = True      # layer2-4 train (conv1 and layer1 never do, by default)
@@ -118,7 +119,8 @@ def build_model(cfg: Config):
                               train_backbone=cfg.train_backbone,
                               return_interm_layers=cfg.num_feature_levels > 1 and not detr,
                               dilation=cfg.dilation, pretrained=cfg.pretrained_backbone,
-                              norm=cfg.backbone_norm, train_stem=cfg.train_backbone_stem)
+                              norm=cfg.backbone_norm, train_stem=cfg.train_backbone_stem,
+                              width=cfg.backbone_width)
     if detr:
         model = DETR(backbone, cfg.num_classes, cfg.num_queries, cfg.hidden_dim, cfg.nheads,
                      cfg.enc_layers, cfg.dec_layers, cfg.dim_feedforward, cfg.dropout,

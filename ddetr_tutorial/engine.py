@@ -455,6 +455,7 @@ def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, n
             row.update({k: round(v, 5) for k, v in metrics.items()})
             if main:
                 log(table.rstrip())
+                (out_dir / "eval.txt").write_text(f"epoch {epoch + 1}\n{table}")
                 best = metrics["AP"] if best is None else max(best, metrics["AP"])
         if main:
             log(json.dumps(row))

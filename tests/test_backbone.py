@@ -318,3 +318,24 @@ def test_bad_input():
         backbone(images, mask.float())
     with pytest.raises(ValueError, match=r"\(2, 32, 32\).*\(2, 32, 31\)"):
         backbone(images, mask[..., :31])
+
+
+def test_width_scales_channels_and_weights():
+    """width=32 halves every channel count: a quarter of the conv weights."""
+    full, narrow = resnet("resnet18"), resnet("resnet18", width=32)
+    assert narrow.num_channels == [32, 64, 128, 256]
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(narrow) * 4 == pytest.approx(count(full), rel=0.01)
+    features = narrow(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in features] == [32, 64, 128, 256]
+    with pytest.raises(ValueError, match="width must be an int >= 8, got 4"):
+        resnet("resnet18", width=4)
+
+
+def test_batch_norm_and_stem_options():
+    backbone = Backbone("resnet18", norm="batch", train_stem=True)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    assert all(p.requires_grad for p in backbone.parameters())
+    assert "body.bn1.num_batches_tracked" in backbone.state_dict()
+    with pytest.raises(ValueError, match="norm must be 'frozen' or 'batch', got 'group'"):
+        Backbone("resnet18", norm="group")

@@ -170,6 +170,8 @@ def test_cli_train_evaluate_predict(shapes, tmp_path, capsys):
                      "--epochs", "1", "--quiet", "--set", *overrides]) == 0
     checkpoint = checkpoints.latest_checkpoint(out)
     assert checkpoint is not None and (out / "curves.png").exists()
+    card = (out / "model_card.md").read_text()
+    assert "python -m ddetr_tutorial train --config tiny" in card and "Average Precision" in card
     assert cli.main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(shapes),
                      "--out", str(tmp_path / "metrics.json"), "--quiet"]) == 0
     assert "Average Precision" in capsys.readouterr().out
