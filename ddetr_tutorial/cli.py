@@ -103,11 +103,11 @@ def train(args) -> int:
     from .engine import is_main_process
 
     if is_main_process() and metrics:
-        write_model_card(Path(args.out), cfg, time.perf_counter() - start, metrics)
+        write_model_card(Path(args.out), cfg, time.perf_counter() - start, metrics, args.argv)
     return 0
 
 
-def write_model_card(out_dir: Path, cfg, seconds: float, metrics: dict) -> Path:
+def write_model_card(out_dir: Path, cfg, seconds: float, metrics: dict, argv) -> Path:
     """model_card.md: how the run was made (command, config, machine, time) and its
     last COCO evaluation."""
     import platform
@@ -124,7 +124,7 @@ def write_model_card(out_dir: Path, cfg, seconds: float, metrics: dict) -> Path:
         if Path("/proc/cpuinfo").exists() else platform.processor()
     lines = [
         "# Model card", "",
-        "Command:", "", "```", "python -m ddetr_tutorial " + " ".join(sys.argv[1:]), "```", "",
+        "Command:", "", "```", "python -m ddetr_tutorial " + " ".join(argv), "```", "",
         f"- Training time: {seconds / 60:.1f} min (training and per-epoch evaluation)",
         f"- Machine: {platform.node()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
         f" ({torch.get_num_threads()} threads)" + (f", GPU {torch.cuda.get_device_name()}"
@@ -262,7 +262,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
+    args.argv = argv  # for the model card: the exact command
     return args.func(args)
 
 
