@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddetr_tutorial.ops import loader
 
 SHAPES = {
     "one_level": [(8, 8)],
@@ -55,10 +54,6 @@ def make_inputs(shapes, N=2, Lq=5, M=2, D=8, K=3, dtype=torch.float64, device="c
                                    locations.to(dtype), weights.to(dtype))]
 
 
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # The compiled backends under test: cpu always (a build failure must fail the
@@ -68,7 +63,3 @@ COMPILED = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 def device_of(backend: str) -> str:
     return "cuda" if backend == "cuda" else "cpu"
-
-
-def ensure_built(backend: str) -> None:
-    loader.load_extension(backend)
