@@ -106,18 +106,23 @@ class DeformableDETR(nn.Module):
                 nn.init.zeros_(head.layers[-1].bias[2:])  # proposals carry the size
         return class_heads, box_heads
 
-    def forward(self, images, mask):
+    def forward(self, images, mask, return_sampling: bool = False):
         """images: (N, 3, H, W) normalized; mask: (N, H, W) bool, True on padding.
 
         Returns a dict: pred_logits (N, Q, classes), pred_boxes (N, Q, 4) cxcywh
         in [0, 1] of each unpadded image, aux_outputs (earlier decoder layers)
-        and, for two-stage, enc_outputs (the encoder's proposals).
+        and, for two-stage, enc_outputs (the encoder's proposals). With
+        `return_sampling`, also `sampling`: where each encoder and decoder layer's
+        deformable attention sampled and with what weights (see
+        `DeformableTransformer.forward`); each decoder layer's entry also holds
+        that layer's `boxes` (N, Q, 4) and `logits` (N, Q, classes). visualize.py
+        draws it.
         """
         features, masks, pos = self.backbone(images, mask)
         srcs, masks, pos = self.project(features, masks, pos, mask)
         query_embed = None if self.two_stage else self.query_embed.weight
-        hs, init_reference, references, enc_class, enc_coord_unact = \
-            self.transformer(srcs, masks, pos, query_embed)
+        hs, init_reference, references, enc_class, enc_coord_unact, *sampling = \
+            self.transformer(srcs, masks, pos, query_embed, return_sampling=return_sampling)
         logits, boxes = self.predict(hs, init_reference, references)
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
@@ -125,6 +130,10 @@ class DeformableDETR(nn.Module):
                                   for a, b in zip(logits[:-1], boxes[:-1])]
         if self.two_stage:
             out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
+        if return_sampling:
+            for entry, layer_logits, layer_boxes in zip(sampling[0]["decoder"], logits, boxes):
+                entry.update(logits=layer_logits, boxes=layer_boxes)
+            out["sampling"] = sampling[0]
         return out
 
     def project(self, features, masks, pos, image_mask):

@@ -31,6 +31,17 @@ def _clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
+def _as_tuple(result) -> tuple:
+    """A module's result as a tuple: (out,) alone, or (out, *extras) as returned."""
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _sampling_entry(reference_points, locations, weights) -> dict:
+    """One layer's record: what its deformable attention received and computed."""
+    return {"reference_points": reference_points, "sampling_locations": locations,
+            "attention_weights": weights}
+
+
 def valid_ratios(mask):
     """Fraction of each padded map that holds the image: (N, H, W) -> (N, 2) as (w, h)."""
     _, H, W = mask.shape
@@ -55,13 +66,17 @@ class DeformableEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index,
-                padding_mask=None):
-        """src, pos: (N, S, C); reference_points: (N, S, L, 2). Returns (N, S, C)."""
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes,
-                                  level_start_index, padding_mask)
+                padding_mask=None, return_sampling: bool = False):
+        """src, pos: (N, S, C); reference_points: (N, S, L, 2). Returns (N, S, C), and
+        with `return_sampling` also the attention's sampling locations
+        (N, S, M, L, K, 2) and weights (N, S, M, L, K)."""
+        attended, *sampling = _as_tuple(self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
+            return_sampling=return_sampling))
         src = self.norm1(src + self.dropout1(attended))
         hidden = self.linear2(self.dropout2(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout3(hidden))
+        src = self.norm2(src + self.dropout3(hidden))
+        return (src, *sampling) if return_sampling else src
 
 
 class DeformableEncoder(nn.Module):
@@ -87,13 +102,21 @@ class DeformableEncoder(nn.Module):
         points = torch.cat(points, 1)  # (N, S, 2), relative to the valid image
         return points[:, :, None] * ratios[:, None]  # (N, S, L, 2)
 
-    def forward(self, src, spatial_shapes, level_start_index, ratios, pos, padding_mask=None):
-        """src, pos: (N, S, C); ratios: (N, L, 2). Returns the memory (N, S, C)."""
+    def forward(self, src, spatial_shapes, level_start_index, ratios, pos, padding_mask=None,
+                return_sampling: bool = False):
+        """src, pos: (N, S, C); ratios: (N, L, 2). Returns the memory (N, S, C), and with
+        `return_sampling` also one dict per layer: reference_points (N, S, L, 2),
+        sampling_locations (N, S, M, L, K, 2), attention_weights (N, S, M, L, K),
+        in the attention's coordinates (each level's padded map, normalized)."""
         reference_points = self.reference_points(spatial_shapes, ratios, src.device)
+        record = []
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index,
-                        padding_mask)
-        return src
+            src, *sampling = _as_tuple(layer(src, pos, reference_points, spatial_shapes,
+                                             level_start_index, padding_mask,
+                                             return_sampling=return_sampling))
+            if return_sampling:
+                record.append(_sampling_entry(reference_points, *sampling))
+        return (src, record) if return_sampling else src
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -120,17 +143,20 @@ class DeformableDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes,
-                level_start_index, padding_mask=None):
+                level_start_index, padding_mask=None, return_sampling: bool = False):
         """tgt, query_pos: (N, Q, C); reference_points: (N, Q, L, 2 or 4);
-        memory: (N, S, C). Returns (N, Q, C)."""
+        memory: (N, S, C). Returns (N, Q, C), and with `return_sampling` also the
+        cross-attention's sampling locations (N, Q, M, L, K, 2) and weights (N, Q, M, L, K)."""
         q = k = tgt + query_pos
         attended = self.self_attn(q, k, tgt, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
-        attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
-                                   level_start_index, padding_mask)
+        attended, *sampling = _as_tuple(self.cross_attn(
+            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
+            padding_mask, return_sampling=return_sampling))
         tgt = self.norm1(tgt + self.dropout1(attended))
         hidden = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(hidden))
+        tgt = self.norm3(tgt + self.dropout4(hidden))
+        return (tgt, *sampling) if return_sampling else tgt
 
 
 class DeformableDecoder(nn.Module):
@@ -151,23 +177,31 @@ class DeformableDecoder(nn.Module):
         self.class_embed = None
 
     def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index,
-                ratios, query_pos, padding_mask=None):
+                ratios, query_pos, padding_mask=None, return_sampling: bool = False):
         """tgt, query_pos: (N, Q, C); reference_points: (N, Q, 2 or 4) in [0, 1] of the
         valid image; ratios: (N, L, 2). Returns every layer's output hs
         (layers, N, Q, C) and the reference after each layer (layers, N, Q, 2|4):
-        refined boxes with `bbox_embed`, else the initial reference repeated."""
-        outputs, references = [], []
+        refined boxes with `bbox_embed`, else the initial reference repeated.
+        With `return_sampling` also one dict per layer: reference_points as the
+        cross-attention received them (N, Q, L, 2|4), sampling_locations
+        (N, Q, M, L, K, 2) and attention_weights (N, Q, M, L, K). (A list, not a
+        stacked tensor: with refinement, layer 0 gets points and later layers boxes.)"""
+        outputs, references, record = [], [], []
         for lid, layer in enumerate(self.layers):
             # Scale to each level's padded map: the image fills only part of it.
             scale = ratios if reference_points.shape[-1] == 2 else torch.cat([ratios, ratios], -1)
             points = reference_points[:, :, None] * scale[:, None]  # (N, Q, L, 2|4)
-            tgt = layer(tgt, query_pos, points, memory, spatial_shapes, level_start_index,
-                        padding_mask)
+            tgt, *sampling = _as_tuple(layer(tgt, query_pos, points, memory, spatial_shapes,
+                                             level_start_index, padding_mask,
+                                             return_sampling=return_sampling))
+            if return_sampling:
+                record.append(_sampling_entry(points, *sampling))
             if self.bbox_embed is not None:
                 reference_points = self.refine(self.bbox_embed[lid](tgt), reference_points)
             outputs.append(tgt)
             references.append(reference_points)
-        return torch.stack(outputs), torch.stack(references)
+        hs, references = torch.stack(outputs), torch.stack(references)
+        return (hs, references, record) if return_sampling else (hs, references)
 
     @staticmethod
     def refine(delta, reference_points):
@@ -237,17 +271,24 @@ class DeformableTransformer(nn.Module):
                                        spatial_shapes.prod(1).cumsum(0)[:-1]])
         return src, mask, pos, spatial_shapes, level_start_index
 
-    def forward(self, srcs, masks, pos_embeds, query_embed=None):
+    def forward(self, srcs, masks, pos_embeds, query_embed=None, return_sampling: bool = False):
         """srcs, pos_embeds: lists of (N, C, H_l, W_l); masks: lists of (N, H_l, W_l);
         query_embed: (Q, 2C) learned queries (position half, content half), unused
         with two-stage. Returns hs (layers, N, Q, C), init_reference (N, Q, 2|4),
         references (layers, N, Q, 2|4), and the encoder's class logits and
-        unactivated boxes (N, S, ...) for two-stage (else None, None)."""
+        unactivated boxes (N, S, ...) for two-stage (else None, None).
+
+        With `return_sampling`, a sixth item records where every deformable
+        attention looked: {"spatial_shapes", "level_start_index", "valid_ratios"
+        (N, L, 2), "encoder": [one dict per layer], "decoder": [one dict per layer]}
+        (the entries are listed in the encoder's and decoder's forward)."""
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed is required unless two_stage=True")
         src, mask, pos, spatial_shapes, level_start_index = self.flatten(srcs, masks, pos_embeds)
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (N, L, 2)
-        memory = self.encoder(src, spatial_shapes, level_start_index, ratios, pos, mask)
+        memory, *encoder_sampling = _as_tuple(self.encoder(
+            src, spatial_shapes, level_start_index, ratios, pos, mask,
+            return_sampling=return_sampling))
 
         enc_class = enc_coord_unact = None
         if self.two_stage:
@@ -259,9 +300,15 @@ class DeformableTransformer(nn.Module):
             query_pos = query_pos.unsqueeze(0).expand(N, -1, -1)
             tgt = tgt.unsqueeze(0).expand(N, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()  # (N, Q, 2)
-        hs, references = self.decoder(tgt, reference_points, memory, spatial_shapes,
-                                      level_start_index, ratios, query_pos, mask)
-        return hs, reference_points, references, enc_class, enc_coord_unact
+        hs, references, *decoder_sampling = self.decoder(
+            tgt, reference_points, memory, spatial_shapes, level_start_index, ratios, query_pos,
+            mask, return_sampling=return_sampling)
+        if not return_sampling:
+            return hs, reference_points, references, enc_class, enc_coord_unact
+        sampling = {"spatial_shapes": spatial_shapes, "level_start_index": level_start_index,
+                    "valid_ratios": ratios, "encoder": encoder_sampling[0],
+                    "decoder": decoder_sampling[0]}
+        return hs, reference_points, references, enc_class, enc_coord_unact, sampling
 
     # ------------------------------------------------------------------ two-stage
 
