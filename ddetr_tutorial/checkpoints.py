@@ -510,6 +510,17 @@ def load_training_state(path, model, optimizer=None, scheduler=None, scaler=None
     return state
 
 
+def export_model(checkpoint, path) -> Path:
+    """Write the weights-only part of a training checkpoint to `path` (atomically):
+    model, config, meta, epoch/step, best AP and versions; no optimizer, schedule or
+    RNG state, so it is about a third the size. `load_model` reads either."""
+    state = read_training_state(checkpoint)
+    slim = {k: state[k] for k in ("model", "config", "epoch", "step", "best_ap", "meta",
+                                  "versions") if k in state}
+    slim["step_in_epoch"] = state.get("step_in_epoch", 0)
+    return save_checkpoint(slim, path)
+
+
 def load_model(path, device=None, **overrides):
     """A trained model from a training checkpoint, in eval mode.
     Returns (model, cfg, postprocess, meta); `overrides` change config fields

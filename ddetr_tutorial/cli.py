@@ -174,6 +174,46 @@ def predict(args) -> int:
     return 0
 
 
+def export(args) -> int:
+    from .checkpoints import export_model
+
+    path = export_model(args.checkpoint, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def visualize(args) -> int:
+    """Draw where one query's deformable attention samples (paper Fig. 6) to --out."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from .checkpoints import load_model
+    from .config import build_transforms
+    from .visualize import encoder_query, plot_sampling_points, query_points, sampling_data
+
+    model, cfg, _, meta = load_model(args.checkpoint, device=args.device)
+    image = Image.open(args.image).convert("RGB")
+    try:
+        data = sampling_data(model, image, transform=build_transforms(cfg, "val"),
+                             class_names=meta.get("class_names"))
+        kind, query = "decoder", args.query
+        if args.pixel is not None:  # given in the file's pixels; the model saw it resized
+            kind = "encoder"
+            h, w = data["image_size"]
+            x, y = args.pixel[0] * w / image.width, args.pixel[1] * h / image.height
+            query = encoder_query(data, x, y, level=args.level)
+        points = query_points(data, kind, args.layer, query)
+        fig = plot_sampling_points(data, kind=kind, query=points["query"], layer=points["layer"],
+                                   per_level=not args.all_levels)
+    except ValueError as err:
+        raise SystemExit(f"visualize: {err}") from err
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=args.dpi)
+    plt.close(fig)
+    print(f"wrote {args.out}: {kind} layer {points['layer']}, query {points['query']}")
+    return 0
+
+
 def _add_data_args(p, splits):
     p.add_argument("--data", help="a dataset folder as written by make-data: "
                    "annotations/instances_<split>.json and <split>/ images")
@@ -250,6 +290,38 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=predict)
 
+    p = commands.add_parser("export", help="keep only the weights of a training checkpoint",
+                            description="Write the model weights, config and metadata of a "
+                            "training checkpoint to a smaller file (no optimizer or RNG "
+                            "state); evaluate/predict read either.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.set_defaults(func=export)
+
+    p = commands.add_parser("visualize", help="draw where the attention samples (paper Fig. 6)",
+                            description="Run a checkpoint on one image and draw one query's "
+                            "sampling points and attention weights, a panel per feature level: "
+                            "by default the decoder query of the top detection; --pixel picks "
+                            "the encoder query at a pixel instead.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--image", required=True, help="an image file")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--query", type=int, default=None,
+                       help="decoder object query index (default: the top detection)")
+    which.add_argument("--pixel", type=float, nargs=2, metavar=("X", "Y"), default=None,
+                       help="encoder query at this pixel of the image file")
+    p.add_argument("--level", type=int, default=0,
+                   help="feature level of the --pixel query (default 0, the finest)")
+    p.add_argument("--layer", type=int, default=-1,
+                   help="encoder/decoder layer, from 0; negative counts from the end "
+                   "(default -1, the last, as in the paper)")
+    p.add_argument("--all-levels", action="store_true",
+                   help="all levels on one image instead of a panel per level")
+    p.add_argument("--out", required=True, help="the PNG (or PDF, SVG) to write")
+    p.add_argument("--dpi", type=int, default=150)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=visualize)
+
     p = commands.add_parser("build-ops", help="compile the C++/CUDA kernels of ms_deform_attn",
                             description="Compile the C++ CPU and CUDA kernels of ms_deform_attn "
                             "into the extension cache ($TORCH_EXTENSIONS_DIR), or find them "
@@ -268,6 +340,7 @@ def main(argv=None) -> int:
     return args.func(args)
 
 
+SHEET_SIZE = 12
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -286,7 +359,8 @@ def _image_files(paths):
 def predict_images(model, cfg, postprocess, paths, out_dir, threshold=0.5, class_names=None,
                    category_ids=None):
     """Detect objects in image files: writes predictions.json (COCO result format
-    plus file_name) and <name>_detections.png per image. Returns the JSON path."""
+    plus file_name), <name>_detections.png per image and, for several images,
+    detections.png with the first 12 side by side. Returns the JSON path."""
     import matplotlib.pyplot as plt
     import torch
     from PIL import Image
@@ -300,7 +374,7 @@ def predict_images(model, cfg, postprocess, paths, out_dir, threshold=0.5, class
     transform = build_transforms(cfg, "val")
     device = next(model.parameters()).device
     model.eval()
-    results = []
+    results, sheet = [], []
     for path in _image_files(paths):
         image = Image.open(path).convert("RGB")
         tensor, _ = transform(image, None)
@@ -316,9 +390,22 @@ def predict_images(model, cfg, postprocess, paths, out_dir, threshold=0.5, class
             category = category_ids[label] if category_ids else label
             results.append({"file_name": path.name, "category_id": int(category),
                             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
-        fig = draw_detections(image, det["boxes"][keep], det["labels"][keep],
-                              det["scores"][keep], class_names, title=path.name)
+        drawn = (image, det["boxes"][keep], det["labels"][keep], det["scores"][keep])
+        fig = draw_detections(*drawn, class_names, title=path.name)
         fig.savefig(out_dir / f"{path.stem}_detections.png", dpi=120)
+        plt.close(fig)
+        if len(sheet) < SHEET_SIZE:
+            sheet.append((path.name, drawn))
+    if len(sheet) > 1:  # all of them on one page
+        columns = min(3, len(sheet))
+        rows = -(-len(sheet) // columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows),
+                                 squeeze=False)
+        for ax, (name, drawn) in zip(axes.flat, sheet):
+            draw_detections(*drawn, class_names, ax=ax, title=name)
+        for ax in axes.flat[len(sheet):]:
+            ax.set_axis_off()
+        fig.savefig(out_dir / "detections.png", dpi=120)
         plt.close(fig)
     out = out_dir / "predictions.json"
     out.write_text(json.dumps(results, indent=1) + "\n")

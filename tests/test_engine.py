@@ -182,10 +182,20 @@ def test_cli_train_evaluate_predict(shapes, tmp_path, capsys):
     assert {p["file_name"] for p in predictions} == {f.name for f in (shapes / "val").iterdir()}
     assert all(p["category_id"] in (1, 2, 3, 4) and len(p["bbox"]) == 4 for p in predictions)
     assert len(list((tmp_path / "pred").glob("*_detections.png"))) == 4
+    assert (tmp_path / "pred" / "detections.png").exists()
+    # export keeps the weights only: smaller, and evaluates to the same numbers
+    slim = tmp_path / "slim.pth"
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(slim)]) == 0
+    assert slim.stat().st_size < 0.5 * checkpoint.stat().st_size
+    assert "optimizer" not in torch.load(slim, weights_only=True)
+    assert cli.main(["evaluate", "--checkpoint", str(slim), "--data", str(shapes),
+                     "--out", str(tmp_path / "metrics_slim.json"), "--quiet"]) == 0
+    assert (json.loads((tmp_path / "metrics_slim.json").read_text())
+            == json.loads((tmp_path / "metrics.json").read_text()))
 
 
 def test_cli_help_documents_every_command(capsys):
-    for command in ("make-data", "train", "evaluate", "predict", "build-ops"):
+    for command in ("make-data", "train", "evaluate", "predict", "export", "build-ops"):
         with pytest.raises(SystemExit) as exit_info:
             cli.main([command, "--help"])
         assert exit_info.value.code == 0
