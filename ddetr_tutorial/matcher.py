@@ -1,4 +1,4 @@
-"""Hungarian matching of predictions to targets (DETR Sec. 3.1, Deformable DETR Sec. A.2).
+"""Hungarian matching of predictions to targets (DETR Sec. 3.1; Deformable DETR Sec. 3 and 5).
 
 DETR-style detectors predict a fixed set of Q boxes per image and are trained
 against the T ground-truth objects through a one-to-one assignment: the one
