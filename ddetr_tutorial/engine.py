@@ -439,6 +439,7 @@ def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, n
         bar = tqdm(train_loader, desc=f"epoch {epoch}", disable=not (progress and main),
                    leave=False)
         for i, batch in enumerate(bar, start=skip):
+            warm_up(optimizer, scheduler, step, cfg.warmup_steps)
             rows.append(train_step(net, criterion, batch, optimizer, device, cfg.clip_max_norm,
                                    amp_dtype, scaler))
             step += 1
@@ -468,6 +469,18 @@ def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, n
             plot_log(out_dir / "log.jsonl", out_dir / "curves.png")
             save(epoch + 1, 0, metrics if "AP" in row else None)
     return metrics
+
+
+def warm_up(optimizer, scheduler, step: int, warmup_steps: int) -> None:
+    """Scale the scheduled learning rates by (step + 1) / warmup_steps for the first
+    `warmup_steps` steps (a function of the step alone, so resuming is exact)."""
+    if step > warmup_steps or warmup_steps <= 0:
+        return
+    factor = min(1.0, (step + 1) / warmup_steps)
+    # From StepLR's closed form, not the current lr, which is itself warmed up.
+    decay = scheduler.gamma ** (scheduler.last_epoch // scheduler.step_size)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * decay * factor
 
 
 def _amp_dtype(amp, device):

@@ -117,7 +117,8 @@ def detector():
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)
-    model, _, _ = build_model(get_config("tiny", op_backend="pytorch"))
+    model, _, _ = build_model(get_config("tiny", with_box_refine=False, two_stage=False,
+                                         op_backend="pytorch"))
     return model
 
 
@@ -209,8 +210,10 @@ def test_not_strict_loads_what_fits_and_reports_the_rest(tiny):
 
 def test_wrong_variant_says_which_flag(tmp_path):
     torch.manual_seed(0)
-    refine, _, _ = build_model(get_config("tiny", with_box_refine=True, op_backend="pytorch"))
-    plain, _, _ = build_model(get_config("tiny", op_backend="pytorch"))
+    refine, _, _ = build_model(get_config("tiny", with_box_refine=True, two_stage=False,
+                                          op_backend="pytorch"))
+    plain, _, _ = build_model(get_config("tiny", with_box_refine=False, two_stage=False,
+                                         op_backend="pytorch"))
     path = tmp_path / "refine.pth"
     args = argparse.Namespace(with_box_refine=True, two_stage=False, num_feature_levels=4)
     torch.save({"model": refine.state_dict(), "args": args}, path)

@@ -488,3 +488,23 @@ def test_collate_with_a_dataloader(shapes_dir):
     for i, t in enumerate(targets):
         h, w = t["size"].tolist()
         assert not mask[i, :h, :w].any() and mask[i].sum() == mask.shape[1] * mask.shape[2] - h * w
+
+
+def test_flip_only_augmentation_trains_at_the_evaluation_size():
+    from ddetr_tutorial.config import build_transforms, get_config
+
+    cfg = get_config("tiny", image_size=48)
+    image = Image.new("RGB", (64, 40))
+    boxes = torch.tensor([[4.0, 6.0, 20.0, 30.0]])
+    sizes, flipped = set(), set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out, target = build_transforms(cfg, "train")(image, {"boxes": boxes.clone(),
+                                                              "labels": torch.tensor([1])})
+        sizes.add(tuple(out.shape[1:]))
+        flipped.add(round(float(target["boxes"][0, 0]), 4))  # cx, normalized
+    val, _ = build_transforms(cfg, "val")(image, None)
+    assert sizes == {(48, 77)} == {tuple(val.shape[1:])}  # short side 48, no crops, no scales
+    assert flipped == {round(12 / 64, 4), round(1 - 12 / 64, 4)}  # flips only
+    with pytest.raises(ValueError, match="augment must be 'paper' or 'flip', got 'none'"):
+        build_transforms(get_config("tiny", augment="none"), "train")

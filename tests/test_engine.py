@@ -207,3 +207,23 @@ def test_resume_needs_existing_file(shapes, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         _fit(cfg, shapes, tmp_path / "x", resume=tmp_path / "missing.pth")
     assert Path(tmp_path / "x").exists()
+
+
+def test_warm_up_is_linear_then_follows_the_step_schedule():
+    cfg = get_config("tiny", lr=1e-3, lr_backbone=1e-4, lr_drop=2, warmup_steps=5)
+    model = build_model(cfg)[0]
+    optimizer, scheduler = engine.build_optimizer(model, cfg)
+    bases = [g["lr"] for g in optimizer.param_groups]
+    seen, step = [], 0
+    for _ in range(3):  # epochs of 3 steps: the warm-up crosses an epoch end
+        for _ in range(3):
+            engine.warm_up(optimizer, scheduler, step, cfg.warmup_steps)
+            seen.append([g["lr"] for g in optimizer.param_groups])
+            optimizer.step()
+            step += 1
+        scheduler.step()
+    for step, lrs in enumerate(seen):
+        decay = 0.1 ** ((step // 3) // 2)
+        factor = min(1.0, (step + 1) / 5)
+        torch.testing.assert_close(lrs, [b * decay * factor for b in bases])
+    assert seen[4] == bases and seen[6] == [b * 0.1 for b in bases]

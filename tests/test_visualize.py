@@ -48,7 +48,10 @@ def data(shipped, scene):
 
 
 def tiny_model(**overrides):
+    """A fresh tiny model; plain unless told otherwise (the preset has refinement and
+    two-stage on)."""
     torch.manual_seed(0)
+    overrides = {"with_box_refine": False, "two_stage": False, **overrides}
     cfg = get_config("tiny", op_backend="pytorch", backbone_width=32, **overrides)
     model = build_model(cfg)[0].eval()
     return model, cfg
@@ -108,7 +111,8 @@ def test_sampling_data_layout(shipped, data):
     M, L, K = cfg.nheads, cfg.num_feature_levels, cfg.dec_n_points
     S = int(np.prod(data["spatial_shapes"], 1).sum())
     h, w = data["image_size"]
-    assert data["image"].shape == (h, w, 3) and (h, w) == (120, 120)  # the val transform
+    side = build_transforms(cfg, "val")(Image.new("RGB", (128, 128)), None)[0].shape[-1]
+    assert data["image"].shape == (h, w, 3) and (h, w) == (side, side)  # the val transform
     assert len(data["encoder"]) == cfg.enc_layers and len(data["decoder"]) == cfg.dec_layers
     assert data["encoder"][0]["sampling_locations"].shape == (S, M, L, cfg.enc_n_points, 2)
     assert data["decoder"][-1]["attention_weights"].shape == (cfg.num_queries, M, L, K)
@@ -261,7 +265,7 @@ def test_layers_refinement_and_hungarian_figures(data):
 def test_explorer_figure_for_several_states(data):
     M, L, K = data["encoder"][0]["attention_weights"].shape[1:]
     states = [({}, M, L),
-              ({"kind": "encoder", "pixel": (10.5, 100.2), "layer": 0, "head": 1}, 1, L),
+              ({"kind": "encoder", "pixel": (10.5, 80.2), "layer": 0, "head": 1}, 1, L),
               ({"kind": "decoder", "query": 3, "level": 2, "layer": -2}, M, 1),
               ({"kind": "encoder", "query": 5, "head": -1, "level": 0}, 1, 1)]
     for state, heads, levels in states:
@@ -272,8 +276,8 @@ def test_explorer_figure_for_several_states(data):
         drawn = scatters(image_ax)
         assert len(drawn) == heads and all(len(c.get_offsets()) == levels * K for c in drawn)
         assert len(mass_ax.texts) == M * L
-    assert V.resolve_state(data, {"kind": "encoder", "pixel": (10.5, 100.2)})["query"] == \
-        V.encoder_query(data, 10.5, 100.2)
+    assert V.resolve_state(data, {"kind": "encoder", "pixel": (10.5, 80.2)})["query"] == \
+        V.encoder_query(data, 10.5, 80.2)
     fig = plt.figure()
     assert V.explorer_figure(data, {"layer": 0}, fig=fig) is fig and len(fig.axes) == 2
 
