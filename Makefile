@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(PY) -m pytest
-	$(PY) -m pytest --nbmake --nbmake-timeout=600 notebooks/
+	$(PY) -m pytest --nbmake --nbmake-timeout=600 --durations=0 notebooks/
 
 # The shipped model on the validation split it was measured on (regenerated: it
 # depends only on the seed): the COCO table, then its detections drawn.
