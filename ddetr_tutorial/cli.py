@@ -53,8 +53,12 @@ def _parse_overrides(items):
     return overrides
 
 
-def _datasets(args, cfg, splits=("train", "val"), category_ids=None):
-    """COCO datasets from --data (a make-data folder) or explicit --*-ann/--*-images."""
+def _datasets(args, cfg, splits=("train", "val"), category_ids=None, augment=("train",)):
+    """COCO datasets from --data (a make-data folder) or explicit --*-ann/--*-images.
+
+    Only the splits named in `augment` get the training transforms; evaluating any split
+    (the training split included) must see the deterministic validation transforms.
+    """
     from .config import build_transforms
     from .data import CocoDetection
 
@@ -69,7 +73,7 @@ def _datasets(args, cfg, splits=("train", "val"), category_ids=None):
             images = Path(args.data) / split
         if "train" in sets:  # validation labels follow the training set's order
             category_ids = sets["train"].category_ids
-        sets[split] = CocoDetection(images, ann, build_transforms(cfg, "train" if split == "train"
+        sets[split] = CocoDetection(images, ann, build_transforms(cfg, "train" if split in augment
                                                                   else "val"),
                                     category_ids=category_ids)
     return sets
@@ -149,7 +153,8 @@ def evaluate(args) -> int:
 
     model, cfg, postprocess, meta = load_model(args.checkpoint, device=args.device)
     split = args.split
-    dataset = _datasets(args, cfg, splits=(split,), category_ids=meta.get("category_ids"))[split]
+    dataset = _datasets(args, cfg, splits=(split,), category_ids=meta.get("category_ids"),
+                        augment=())[split]
     loader = make_loader(dataset, cfg.batch_size, False, collate_fn, num_workers=args.workers)
     device = next(model.parameters()).device
     metrics, table = run_evaluation(model, postprocess, loader, dataset.coco,

@@ -194,6 +194,31 @@ def test_cli_train_evaluate_predict(shapes, tmp_path, capsys):
             == json.loads((tmp_path / "metrics.json").read_text()))
 
 
+def test_evaluating_any_split_uses_the_deterministic_transforms(shapes):
+    # `evaluate --split train` once got the training transforms: flipped images scored
+    # against unflipped ground truth, about half the true AP.
+    import argparse
+
+    cfg = get_config("tiny", **SMALL)
+    args = argparse.Namespace(data=str(shapes))
+    evaluated = cli._datasets(args, cfg, splits=("train",), augment=())["train"]
+    augmented = cli._datasets(args, cfg, splits=("train",))["train"]
+    from ddetr_tutorial.config import build_transforms
+
+    plain = CocoDetection(shapes / "train", shapes / "annotations" / "instances_train.json",
+                          build_transforms(cfg, "val"))
+    torch.manual_seed(0)
+    differs = False
+    for index in range(len(plain)):
+        image, target = evaluated[index]
+        expected, expected_target = plain[index]
+        assert torch.equal(image, expected) and torch.equal(target["boxes"],
+                                                            expected_target["boxes"])
+        for _ in range(4):  # the training transforms flip half the time
+            differs |= not torch.equal(augmented[index][1]["boxes"], expected_target["boxes"])
+    assert differs
+
+
 def test_cli_help_documents_every_command(capsys):
     for command in ("make-data", "train", "evaluate", "predict", "export", "build-ops"):
         with pytest.raises(SystemExit) as exit_info:
