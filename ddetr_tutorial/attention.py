@@ -61,12 +61,17 @@ class MSDeformAttn(nn.Module):
             nn.init.zeros_(proj.bias)
 
     def forward(self, query, reference_points, input_flatten, spatial_shapes,
-                level_start_index, padding_mask=None, return_sampling: bool = False):
+                level_start_index, padding_mask=None, return_sampling: bool = False,
+                query_level=None):
         """query: (N, Lq, C); reference_points: (N, Lq, L, 2) points (x, y) or
         (N, Lq, L, 4) boxes (cx, cy, w, h), normalized; input_flatten: (N, S, C);
         spatial_shapes: (L, 2); level_start_index: (L,); padding_mask: (N, S),
         True on padding. Returns (N, Lq, C), and with `return_sampling` also the
         sampling locations (N, Lq, M, L, K, 2) and attention weights (N, Lq, M, L, K).
+
+        query_level: optional (Lq,) int64, the level each query lives on. Given, a
+        query samples only its own level (softmax over its K points there): the
+        "per-level" attention of the paper's Table 2 ablation, no cross-level exchange.
         """
         N, Lq, _ = query.shape
         S = input_flatten.shape[1]
@@ -81,14 +86,29 @@ class MSDeformAttn(nn.Module):
         value = value.view(N, S, M, self.d_model // M)  # (N, S, M, D)
 
         offsets = self.sampling_offsets(query).view(N, Lq, M, L, K, 2)
-        weights = self.attention_weights(query).view(N, Lq, M, L * K)
-        weights = F.softmax(weights, -1).view(N, Lq, M, L, K)  # normalized over L*K
+        logits = self.attention_weights(query).view(N, Lq, M, L, K)
+        if query_level is not None:
+            own = self._own_level(query_level, Lq, L, query.device)  # (Lq, L)
+            logits = logits.masked_fill(~own[None, :, None, :, None], float("-inf"))
+        weights = F.softmax(logits.view(N, Lq, M, L * K), -1).view(N, Lq, M, L, K)
 
         locations = self.sampling_locations(reference_points, offsets, spatial_shapes)
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
                              backend=self.backend)
         out = self.output_proj(out)
         return (out, locations, weights) if return_sampling else out
+
+    @staticmethod
+    def _own_level(query_level, Lq, L, device):
+        if not isinstance(query_level, torch.Tensor) or query_level.dtype != torch.long:
+            raise TypeError(f"query_level must be an int64 tensor, got {query_level!r:.80}")
+        if query_level.shape != (Lq,):
+            raise ValueError(f"query_level must have shape (Lq,) = ({Lq},), "
+                             f"got {tuple(query_level.shape)}")
+        if Lq and (int(query_level.min()) < 0 or int(query_level.max()) >= L):
+            raise ValueError(f"query_level values must be levels in [0, {L}), got "
+                             f"[{int(query_level.min())}, {int(query_level.max())}]")
+        return query_level.to(device)[:, None] == torch.arange(L, device=device)
 
     def sampling_locations(self, reference_points, offsets, spatial_shapes):
         """Reference points plus offsets -> (N, Lq, M, L, K, 2) normalized (x, y).

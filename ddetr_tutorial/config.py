@@ -34,6 +34,8 @@ class Config:
     dim_feedforward: int = 1024
     dropout: float = 0.1
     enc_n_points: int = 4            # K in the encoder
+    cross_level_attention: bool = True  # Table 2 "MS attention"; False: encoder pixels
+                                        # sample their own level only
     dec_n_points: int = 4            # K in the decoder
     num_queries: int = 300           # Q (also the number of two-stage proposals)
     num_classes: int = 91            # sigmoid classes; COCO's ids go up to 90
@@ -147,7 +149,7 @@ def build_model(cfg: Config):
             dropout=cfg.dropout, num_feature_levels=cfg.num_feature_levels,
             dec_n_points=cfg.dec_n_points, enc_n_points=cfg.enc_n_points,
             two_stage=cfg.two_stage, two_stage_num_proposals=cfg.num_queries,
-            backend=cfg.op_backend)
+            backend=cfg.op_backend, cross_level=cfg.cross_level_attention)
         model = DeformableDETR(backbone, transformer, cfg.num_classes, cfg.num_queries,
                                cfg.num_feature_levels, aux_loss=cfg.aux_loss,
                                with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage)

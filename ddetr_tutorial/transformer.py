@@ -66,13 +66,14 @@ class DeformableEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index,
-                padding_mask=None, return_sampling: bool = False):
+                padding_mask=None, return_sampling: bool = False, query_level=None):
         """src, pos: (N, S, C); reference_points: (N, S, L, 2). Returns (N, S, C), and
         with `return_sampling` also the attention's sampling locations
-        (N, S, M, L, K, 2) and weights (N, S, M, L, K)."""
+        (N, S, M, L, K, 2) and weights (N, S, M, L, K). query_level (S,): see
+        `MSDeformAttn.forward` (per-level attention, the Table 2 ablation)."""
         attended, *sampling = _as_tuple(self.self_attn(
             src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
-            return_sampling=return_sampling))
+            return_sampling=return_sampling, query_level=query_level))
         src = self.norm1(src + self.dropout1(attended))
         hidden = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         src = self.norm2(src + self.dropout3(hidden))
@@ -80,9 +81,14 @@ class DeformableEncoderLayer(nn.Module):
 
 
 class DeformableEncoder(nn.Module):
-    def __init__(self, layer: DeformableEncoderLayer, num_layers: int):
+    """A stack of encoder layers. cross_level=False is the paper's Table 2 ablation
+    without "MS attention": each pixel samples only its own level's map, so the
+    levels exchange no information in the encoder."""
+
+    def __init__(self, layer: DeformableEncoderLayer, num_layers: int, cross_level: bool = True):
         super().__init__()
         self.layers = _clones(layer, num_layers)
+        self.cross_level = cross_level
 
     @staticmethod
     def reference_points(spatial_shapes, ratios, device):
@@ -109,11 +115,16 @@ class DeformableEncoder(nn.Module):
         sampling_locations (N, S, M, L, K, 2), attention_weights (N, S, M, L, K),
         in the attention's coordinates (each level's padded map, normalized)."""
         reference_points = self.reference_points(spatial_shapes, ratios, src.device)
+        query_level = None
+        if not self.cross_level:  # (S,): the level of every flattened pixel
+            query_level = torch.repeat_interleave(
+                torch.arange(len(spatial_shapes), device=src.device), spatial_shapes.prod(1))
         record = []
         for layer in self.layers:
             src, *sampling = _as_tuple(layer(src, pos, reference_points, spatial_shapes,
                                              level_start_index, padding_mask,
-                                             return_sampling=return_sampling))
+                                             return_sampling=return_sampling,
+                                             query_level=query_level))
             if return_sampling:
                 record.append(_sampling_entry(reference_points, *sampling))
         return (src, record) if return_sampling else src
@@ -219,18 +230,19 @@ class DeformableTransformer(nn.Module):
     d_model: C; nhead: M; enc/dec_n_points: K; num_feature_levels: L;
     two_stage: initial boxes come from the encoder's top-scoring proposals
     instead of learned queries, `two_stage_num_proposals` of them.
+    cross_level=False: encoder pixels attend to their own level only (Table 2 ablation).
     """
 
     def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=1024, dropout=0.1, num_feature_levels=4, dec_n_points=4,
                  enc_n_points=4, two_stage=False, two_stage_num_proposals=300,
-                 backend="auto"):
+                 backend="auto", cross_level=True):
         super().__init__()
         self.d_model, self.nhead = d_model, nhead
         self.two_stage, self.two_stage_num_proposals = two_stage, two_stage_num_proposals
         enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
                                            nhead, enc_n_points, backend)
-        self.encoder = DeformableEncoder(enc_layer, num_encoder_layers)
+        self.encoder = DeformableEncoder(enc_layer, num_encoder_layers, cross_level)
         dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
                                            nhead, dec_n_points, backend)
         self.decoder = DeformableDecoder(dec_layer, num_decoder_layers)

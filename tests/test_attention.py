@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
+from msda_inputs import COMPILED, device_of, level_start_index
 
 from ddetr_tutorial.attention import MSDeformAttn
-from msda_inputs import COMPILED, device_of, level_start_index
 
 SHAPES = [(6, 8), (3, 4), (2, 2), (1, 1)]
 S = sum(h * w for h, w in SHAPES)
@@ -123,3 +123,38 @@ def test_module_backends_agree(backend):
     for (name, p), p_ref in zip(compiled.named_parameters(), reference.parameters()):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_per_level_attention_reads_only_the_queries_own_level():
+    # Table 2's ablation without "MS attention": a query on level l samples level l only.
+    attn = make_module(backend="pytorch")
+    with torch.no_grad():  # non-uniform attention, so a leak across levels would show
+        torch.nn.init.normal_(attn.attention_weights.weight, std=0.5)
+    query, ref, feats, shapes, starts = make_inputs(Lq=8)
+    query_level = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    out, _, weights = attn(query, ref, feats, shapes, starts, query_level=query_level,
+                           return_sampling=True)
+    own = torch.nn.functional.one_hot(query_level, 4).bool()[None, :, None, :, None]
+    assert torch.all(weights.masked_select(~own.expand_as(weights)) == 0)
+    torch.testing.assert_close(weights.sum((-1, -2)), torch.ones(2, 8, 8, dtype=torch.float64))
+    # changing every other level's features leaves a level-0 query's output unchanged
+    changed = feats.clone()
+    changed[:, SHAPES[0][0] * SHAPES[0][1]:] += 10.0
+    again = attn(query, ref, changed, shapes, starts, query_level=query_level)
+    torch.testing.assert_close(again[:, [0, 4]], out[:, [0, 4]])
+    assert not torch.allclose(again[:, [1, 5]], out[:, [1, 5]])
+    # and without query_level the same module mixes the levels
+    mixed = attn(query, ref, changed, shapes, starts)
+    assert not torch.allclose(mixed[:, [0, 4]], attn(query, ref, feats, shapes, starts)[:, [0, 4]])
+
+
+@pytest.mark.parametrize("query_level, error, match", [
+    (torch.tensor([0, 1, 2]), ValueError, r"shape \(Lq,\) = \(7,\)"),
+    (torch.tensor([0, 1, 2, 3, 4, 0, 1]), ValueError, r"levels in \[0, 4\)"),
+    (torch.zeros(7), TypeError, "int64"),
+])
+def test_bad_query_level(query_level, error, match):
+    attn = make_module(backend="pytorch")
+    query, ref, feats, shapes, starts = make_inputs()
+    with pytest.raises(error, match=match):
+        attn(query, ref, feats, shapes, starts, query_level=query_level)

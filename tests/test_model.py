@@ -3,11 +3,11 @@
 
 import pytest
 import torch
+from official import PRESET_KEYS, official_keys
 
 from ddetr_tutorial.config import build_model, get_config
 from ddetr_tutorial.losses import total_loss
 from ddetr_tutorial.model import PostProcess
-from official import PRESET_KEYS, official_keys
 
 OFFICIAL = PRESET_KEYS
 PLAIN = {"with_box_refine": False, "two_stage": False}  # the tiny preset has both on
@@ -18,6 +18,9 @@ VARIANTS = {
     "two_stage": {"with_box_refine": True, "two_stage": True},
     "dc5": {**PLAIN, "dilation": True},
     "detr": {**PLAIN, "model": "detr"},
+    "detr_dc5": {**PLAIN, "model": "detr", "dilation": True},
+    "per_level_k1": {**PLAIN, "cross_level_attention": False, "enc_n_points": 1,
+                     "dec_n_points": 1},
 }
 
 
@@ -142,3 +145,21 @@ def test_postprocess_scales_boxes():
     torch.testing.assert_close(out["boxes"][0], torch.tensor([0.0, 40.0, 100.0, 60.0]))
     with pytest.raises(ValueError, match=r"target_sizes must be \(N, 2\) = \(1, 2\)"):
         PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([100, 200]))
+
+
+def test_per_level_attention_is_an_ablation_not_new_weights():
+    # Table 2 without "MS attention": the same parameters, the encoder used differently
+    torch.manual_seed(0)
+    plain, _, _ = build_model(get_config("tiny", **PLAIN))
+    torch.manual_seed(0)
+    per_level, _, _ = build_model(get_config("tiny", **PLAIN, cross_level_attention=False))
+    assert list(plain.state_dict()) == list(per_level.state_dict())
+    per_level.load_state_dict(plain.state_dict())
+    images, mask, _ = batch()
+    plain.eval(), per_level.eval()
+    with torch.no_grad():
+        a = plain(images, mask, return_sampling=True)["sampling"]["encoder"][0]
+        b = per_level(images, mask, return_sampling=True)["sampling"]["encoder"][0]
+    # the finest level's pixels (the first tokens) put no weight on levels 1..3
+    first = b["attention_weights"][:, :10]  # (N, 10, M, L, K)
+    assert torch.all(first[..., 1:, :] == 0) and torch.all(a["attention_weights"][:, :10] > 0)
