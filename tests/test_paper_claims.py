@@ -47,7 +47,7 @@ def test_report_verdicts():
     assert claims["K=4 instead of K=1: AP"]["status"].startswith("inconclusive")
     assert claims["multi-scale attention: AP"]["ours"] == pytest.approx(41.0 - 36.0)
     assert claims["+ box refinement: AP"]["status"] == "does not hold"
-    assert claims["++ two-stage: AP"]["status"] == "pending"
+    assert claims["++ two-stage: AP"]["status"] == "pending (waiting for two_stage)"
     assert "| multi-scale inputs: AP | +1.7 | +5.0 | holds |" in paper_claims.markdown(report)
 
 
@@ -56,7 +56,8 @@ def test_no_seed_spread_means_no_verdict():
             "ms_inputs_k1": [record("ms_inputs_k1", 0, [0.35])]}
     claims = {c["claim"]: c for c in paper_claims.build_report(runs)["claims"]}
     assert claims["multi-scale inputs: AP"]["status"] == "pending (no seed spread yet)"
-    assert claims["convergence and small objects vs DETR-DC5"]["status"] == "pending"
+    assert (claims["convergence and small objects vs DETR-DC5"]["status"]
+            == "pending (waiting for deformable, detr_dc5)")
 
 
 def test_run_is_resumable_and_reported(tmp_path):
