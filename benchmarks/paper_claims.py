@@ -161,10 +161,13 @@ def run_one(variant, seed, args, deadline) -> bool:
             print(f"{run}: complete ({epoch} epochs), AP {log_rows[-1].get('AP', 0):.3f}")
             return True
         last = log_rows[-1]["train_seconds"] + 10 if log_rows else 0
-        if time.monotonic() + last > deadline:
-            print(f"{run}: stopping at epoch {epoch}/{cfg.epochs} (time budget); "
+        if time.monotonic() + last > deadline or args.epochs_left == 0:
+            why = "time budget" if args.epochs_left != 0 else "--epochs-now"
+            print(f"{run}: stopping at epoch {epoch}/{cfg.epochs} ({why}); "
                   f"run again to continue")
             return False
+        if args.epochs_left is not None:
+            args.epochs_left -= 1
         start = time.monotonic()
         fit(cfg, train, val, out, epochs=epoch + 1, resume=latest_checkpoint(out), seed=seed,
             num_workers=args.workers, device=args.device, keep_last=1, progress=False,
@@ -208,7 +211,9 @@ def read_log(out: Path, checkpoint) -> list[dict]:
 
 
 def cmd_run(args) -> int:
-    deadline = time.monotonic() + args.budget_min * 60 if args.budget_min else float("inf")
+    deadline = (float("inf") if args.budget_min is None
+                else time.monotonic() + args.budget_min * 60)
+    args.epochs_left = args.epochs_now
     plan = [(v, s) for v, s in DEFAULT_PLAN if (not args.only or v in args.only)
             and (args.seeds is None or s in args.seeds)]
     if args.only and args.seeds:
@@ -429,6 +434,8 @@ def main(argv=None) -> int:
                    help="train and test size in pixels (default 128, the shapes' own)")
     r.add_argument("--budget-min", type=float, default=None,
                    help="stop (resumably) before an epoch that would end past this many minutes")
+    r.add_argument("--epochs-now", type=int, default=None,
+                   help="train at most this many epochs in this call, over all runs")
     r.add_argument("--workers", type=int, default=0)
     r.add_argument("--runs-dir", default=str(RUNS), help="checkpoints (default runs/paper_claims)")
     r.add_argument("--results-dir", default=str(RESULTS / "paper_claims"),

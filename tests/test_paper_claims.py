@@ -66,9 +66,12 @@ def test_run_is_resumable_and_reported(tmp_path):
     common = ["--data", str(data), "--only", "ms_inputs_k1", "--seeds", "0", "--epochs", "2",
               "--image-size", "64", "--runs-dir", str(tmp_path / "runs"),
               "--results-dir", str(tmp_path / "results")]
-    # 12 s: the first epoch starts, and the next (estimated at its time + 10 s) does not
-    assert paper_claims.main(["run", *common, "--budget-min", "0.2"]) == 0
     result = tmp_path / "results" / "ms_inputs_k1_s0.json"
+    # no time left: nothing trains, the run is recorded as not started
+    assert paper_claims.main(["run", *common, "--budget-min", "0"]) == 0
+    assert json.loads(result.read_text())["status"] == "partial (0/2 epochs)"
+    # one epoch now, then stop
+    assert paper_claims.main(["run", *common, "--epochs-now", "1"]) == 0
     first = json.loads(result.read_text())
     assert first["status"] == "partial (1/2 epochs)" and len(first["curve"]) == 1
     assert first["config"]["cross_level_attention"] is False
