@@ -1,6 +1,7 @@
-"""The tiny detector can memorize one batch: the end-to-end check that the model,
+"""The tiny detector, and the DETR baseline on the same backbone, can memorize one batch: the end-to-end check that the model,
 matcher and loss fit together (a bug in any of them stalls this)."""
 
+import pytest
 import torch
 
 from ddetr_tutorial.box_ops import box_cxcywh_to_xyxy, box_iou
@@ -25,10 +26,12 @@ def two_synthetic_images():
     return images, mask, [{"labels": lab, "boxes": b} for lab, b in zip(labels, boxes)]
 
 
-def test_tiny_model_overfits_one_batch():
+@pytest.mark.parametrize("model_kind", ["deformable", "detr"])
+def test_tiny_model_overfits_one_batch(model_kind):
     torch.manual_seed(0)
     images, mask, targets = two_synthetic_images()
-    model, criterion, _ = build_model(get_config("tiny", with_box_refine=False, two_stage=False))
+    model, criterion, _ = build_model(get_config("tiny", model=model_kind, with_box_refine=False,
+                                                 two_stage=False))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4)
     first = None
