@@ -1,5 +1,6 @@
-"""The tiny detector, and the DETR baseline on the same backbone, can memorize one batch: the end-to-end check that the model,
-matcher and loss fit together (a bug in any of them stalls this)."""
+"""The tiny detector, and the DETR baseline on the same backbone, can memorize one
+batch: the end-to-end check that the model, matcher and loss fit together (a bug in
+any of them stalls this)."""
 
 import pytest
 import torch
