@@ -97,25 +97,27 @@ def machine_label() -> str:
 
 # ---------------------------------------------------------------------------- run
 
-def datasets(args, cfg):
+def datasets(args):
+    """The train and val splits of --data, with the transforms every variant shares
+    (they depend only on the image size)."""
     from ddetr_tutorial.config import build_transforms
-    from ddetr_tutorial.data import CocoDetection
+    from ddetr_tutorial.data import build_dataset
 
     data = Path(args.data)
     for split in ("train", "val"):
         if not (data / "annotations" / f"instances_{split}.json").is_file():
             raise SystemExit(f"{data} has no annotations/instances_{split}.json: make it with "
                              f"`python -m ddetr_tutorial make-data shapes --out {data}`")
-    train = CocoDetection(data / "train", data / "annotations" / "instances_train.json",
-                          build_transforms(cfg, "train"))
-    val = CocoDetection(data / "val", data / "annotations" / "instances_val.json",
-                        build_transforms(cfg, "val"), category_ids=train.category_ids)
+    cfg = base_config(1, args.image_size, 1)
+    train = build_dataset(data, "train", build_transforms(cfg, "train"))
+    val = build_dataset(data, "val", build_transforms(cfg, "val"),
+                        category_ids=train.category_ids)
     return train, val
 
 
-def write_run_json(results_dir: Path, run, variant, seed, cfg, args, log_rows, machines,
-                   seconds):
+def write_run_json(results_dir: Path, run, variant, seed, cfg, args, log_rows, machines):
     done = len(log_rows)
+    seconds = sum(r.get("train_seconds", 0) for r in log_rows)
     record = {
         "run": run, "variant": variant, "description": VARIANTS[variant][0], "seed": seed,
         "data": str(args.data), "epochs": cfg.epochs, "epochs_done": done,
@@ -137,7 +139,7 @@ def write_run_json(results_dir: Path, run, variant, seed, cfg, args, log_rows, m
     return record
 
 
-def run_one(variant, seed, args, deadline) -> bool:
+def run_one(variant, seed, args, deadline, train, val) -> bool:
     """Train `variant` with `seed` epoch by epoch until done or the deadline.
     Returns True when the run is complete."""
     from ddetr_tutorial.checkpoints import latest_checkpoint
@@ -145,17 +147,14 @@ def run_one(variant, seed, args, deadline) -> bool:
 
     run = f"{variant}_s{seed}"
     out = Path(args.runs_dir) / run
-    # the transforms depend only on the image size, which every variant shares
-    train, val = datasets(args, base_config(1, args.image_size, 1))
     cfg = variant_config(variant, args, len(train.category_ids))
     check_same_config(out, cfg)
     machines_path = out / "machines.json"
     machines = json.loads(machines_path.read_text()) if machines_path.exists() else {}
     while True:
         log_rows = read_log(out, latest_checkpoint(out))
-        seconds = sum(r.get("train_seconds", 0) for r in log_rows)
         write_run_json(Path(args.results_dir), run, variant, seed, cfg, args, log_rows,
-                       machines, seconds)
+                       machines)
         epoch = len(log_rows)
         if epoch >= cfg.epochs:
             print(f"{run}: complete ({epoch} epochs), AP {log_rows[-1].get('AP', 0):.3f}")
@@ -214,12 +213,14 @@ def cmd_run(args) -> int:
     deadline = (float("inf") if args.budget_min is None
                 else time.monotonic() + args.budget_min * 60)
     args.epochs_left = args.epochs_now
-    plan = [(v, s) for v, s in DEFAULT_PLAN if (not args.only or v in args.only)
-            and (args.seeds is None or s in args.seeds)]
-    if args.only and args.seeds:
+    if args.only and args.seeds:  # exactly these runs
         plan = [(v, s) for v in args.only for s in args.seeds]
+    else:
+        plan = [(v, s) for v, s in DEFAULT_PLAN if (not args.only or v in args.only)
+                and (args.seeds is None or s in args.seeds)]
+    train, val = datasets(args)
     for variant, seed in plan:
-        if not run_one(variant, seed, args, deadline):
+        if not run_one(variant, seed, args, deadline, train, val):
             break
     return 0
 
