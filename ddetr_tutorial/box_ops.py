@@ -62,14 +62,26 @@ def _safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     return numerator / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
 
 
-def _pairwise_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> tuple[Tensor, Tensor]:
-    area1, area2 = box_area(boxes1_xyxy), box_area(boxes2_xyxy)  # (B1,), (B2,)
-    top_left = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])  # (B1, B2, 2)
-    bottom_right = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])  # (B1, B2, 2)
+def _iou_broadcast(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> tuple[Tensor, Tensor]:
+    """IoU and union of corner boxes (..., 4) that broadcast against each other -> (...)."""
+    area1, area2 = box_area(boxes1_xyxy), box_area(boxes2_xyxy)
+    top_left = torch.max(boxes1_xyxy[..., :2], boxes2_xyxy[..., :2])
+    bottom_right = torch.min(boxes1_xyxy[..., 2:], boxes2_xyxy[..., 2:])
     overlap_wh = (bottom_right - top_left).clamp(min=0)  # disjoint boxes overlap by 0
-    inter = overlap_wh[..., 0] * overlap_wh[..., 1]  # (B1, B2)
-    union = area1[:, None] + area2[None, :] - inter
+    inter = overlap_wh[..., 0] * overlap_wh[..., 1]
+    union = area1 + area2 - inter
     return _safe_divide(inter, union), union
+
+
+def _giou_broadcast(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
+    """GIoU of corner boxes (..., 4) that broadcast against each other -> (...).
+    Unchecked: the public functions below check their inputs first."""
+    iou, union = _iou_broadcast(boxes1_xyxy, boxes2_xyxy)
+    top_left = torch.min(boxes1_xyxy[..., :2], boxes2_xyxy[..., :2])
+    bottom_right = torch.max(boxes1_xyxy[..., 2:], boxes2_xyxy[..., 2:])
+    enclosing_wh = bottom_right - top_left  # never negative for valid boxes
+    enclosing = enclosing_wh[..., 0] * enclosing_wh[..., 1]
+    return iou - _safe_divide(enclosing - union, enclosing)
 
 
 def box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,7 +91,7 @@ def box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> tuple[Tensor, Tensor]:
     """
     check_boxes_xyxy(boxes1_xyxy, "boxes1")
     check_boxes_xyxy(boxes2_xyxy, "boxes2")
-    return _pairwise_iou(_upcast(boxes1_xyxy), _upcast(boxes2_xyxy))
+    return _iou_broadcast(_upcast(boxes1_xyxy)[:, None], _upcast(boxes2_xyxy)[None, :])
 
 
 def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
@@ -91,10 +103,25 @@ def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
     """
     check_boxes_xyxy(boxes1_xyxy, "boxes1")
     check_boxes_xyxy(boxes2_xyxy, "boxes2")
-    boxes1_xyxy, boxes2_xyxy = _upcast(boxes1_xyxy), _upcast(boxes2_xyxy)
-    iou, union = _pairwise_iou(boxes1_xyxy, boxes2_xyxy)
-    top_left = torch.min(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2])  # (B1, B2, 2)
-    bottom_right = torch.max(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
-    enclosing_wh = bottom_right - top_left  # never negative for valid boxes
-    enclosing = enclosing_wh[..., 0] * enclosing_wh[..., 1]  # (B1, B2)
-    return iou - _safe_divide(enclosing - union, enclosing)
+    return _giou_broadcast(_upcast(boxes1_xyxy)[:, None], _upcast(boxes2_xyxy)[None, :])
+
+
+def paired_generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
+    """GIoU of each box with its partner: (B, 4) and (B, 4) corner boxes -> (B,).
+    The diagonal of `generalized_box_iou`, without computing the B x B rest."""
+    check_boxes_xyxy(boxes1_xyxy, "boxes1")
+    check_boxes_xyxy(boxes2_xyxy, "boxes2")
+    if boxes1_xyxy.shape != boxes2_xyxy.shape:
+        raise ValueError(f"paired boxes need equal shapes, got {tuple(boxes1_xyxy.shape)} "
+                         f"and {tuple(boxes2_xyxy.shape)}")
+    return _giou_broadcast(_upcast(boxes1_xyxy), _upcast(boxes2_xyxy))
+
+
+def batched_generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
+    """Pairwise GIoU within each of N images: (N, B1, 4) and (N, B2, 4) -> (N, B1, B2)."""
+    if boxes1_xyxy.dim() != 3 or boxes2_xyxy.dim() != 3 or len(boxes1_xyxy) != len(boxes2_xyxy):
+        raise ValueError(f"expected (N, B1, 4) and (N, B2, 4) boxes, got "
+                         f"{tuple(boxes1_xyxy.shape)} and {tuple(boxes2_xyxy.shape)}")
+    check_boxes_xyxy(boxes1_xyxy.reshape(-1, boxes1_xyxy.shape[-1]), "boxes1")
+    check_boxes_xyxy(boxes2_xyxy.reshape(-1, boxes2_xyxy.shape[-1]), "boxes2")
+    return _giou_broadcast(_upcast(boxes1_xyxy)[:, :, None], _upcast(boxes2_xyxy)[:, None, :])

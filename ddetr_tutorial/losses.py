@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 
 LOSS_NAMES = ("labels", "boxes", "cardinality")
 
@@ -139,9 +139,8 @@ class SetCriterion(nn.Module):
         pred_cxcywh = pred_boxes[image_idx, query_idx]  # (T_matched, 4)
         target_cxcywh = _matched_targets(targets, indices, "boxes", pred_boxes.device).to(pred_cxcywh)
         loss_bbox = F.l1_loss(pred_cxcywh, target_cxcywh, reduction="none").sum() / num_boxes
-        # Pairwise GIoU, then its diagonal: the matched pairs (T_matched is small).
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(pred_cxcywh),
-                                   box_cxcywh_to_xyxy(target_cxcywh)).diagonal()
+        giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(pred_cxcywh),
+                                          box_cxcywh_to_xyxy(target_cxcywh))
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
     @torch.no_grad()

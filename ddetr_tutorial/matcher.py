@@ -15,7 +15,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import batched_generalized_box_iou, box_cxcywh_to_xyxy
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -53,7 +53,9 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25,
     prob = logits.sigmoid()
     neg = (1 - alpha) * prob ** gamma * -(1 - prob + eps).log()  # (B, num_classes)
     pos = alpha * (1 - prob) ** gamma * -(prob + eps).log()
-    return pos[:, labels] - neg[:, labels]
+    # Batched too: logits (..., B, num_classes) and labels (..., T) -> (..., B, T).
+    index = labels.unsqueeze(-2).expand(*pos.shape[:-1], labels.shape[-1])
+    return (pos - neg).gather(-1, index)
 
 
 class HungarianMatcher(nn.Module):
@@ -91,32 +93,41 @@ class HungarianMatcher(nn.Module):
         if sum(sizes) == 0:
             empty = torch.empty(0, dtype=torch.int64)
             return [(empty, empty) for _ in targets]
-        cost = self.cost_matrix(logits, boxes, targets)  # (N*Q, T_total)
-        # Costs between image i's queries and image j's targets are computed too (one
-        # batched computation is faster than N small ones) but only blocks [i][i] are used.
-        per_image = cost.view(N, Q, -1).cpu().split(sizes, dim=-1)
-        return [self._assign(per_image[i][i], i) for i in range(N)]
+        # Each image's queries against its own targets only, batched by padding the
+        # targets to the longest list (the padding columns are cut off below).
+        labels = nn.utils.rnn.pad_sequence([t["labels"].long() for t in targets], batch_first=True)
+        target_cxcywh = nn.utils.rnn.pad_sequence(
+            [t["boxes"].float() for t in targets], batch_first=True, padding_value=0.5)
+        cost = self._weighted_cost(logits.float(), boxes.float(), labels.to(logits.device),
+                                   target_cxcywh.to(logits.device), Q, sizes)
+        cost = cost.cpu()  # (N, Q, max T_i)
+        return [self._assign(cost[i, :, :sizes[i]], i) for i in range(N)]
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, targets: list[dict]) -> Tensor:
-        """The weighted cost (N*Q, T_total) of every query of the batch against every target."""
+        """The weighted cost (N*Q, T_total) of every query of the batch against every
+        target (the matching itself uses only each image's own block)."""
         N, Q = logits.shape[:2]
+        labels = torch.cat([t["labels"] for t in targets]).to(logits.device).long()  # (T_total,)
+        target_cxcywh = torch.cat([t["boxes"] for t in targets]).to(logits.device).float()
+        sizes = [len(t["labels"]) for t in targets]
+        return self._weighted_cost(logits.flatten(0, 1).float()[None], boxes.flatten(0, 1).float()[None],
+                                   labels[None], target_cxcywh[None], Q, sizes)[0]
+
+    def _weighted_cost(self, logits: Tensor, boxes: Tensor, labels: Tensor,
+                       target_cxcywh: Tensor, num_queries: int, sizes: list[int]) -> Tensor:
+        """logits (M, R, num_classes), boxes (M, R, 4), labels (M, T), target_cxcywh (M, T, 4)
+        -> cost (M, R, T). Either M = N images of Q = R queries each, or M = 1 and R = N*Q."""
         # Costs in float32: fp16 overflows in the logs, bf16 cannot go to numpy,
         # and scipy then fails with "matrix contains invalid numeric entries".
-        logits = logits.flatten(0, 1).float()  # (N*Q, num_classes)
-        boxes_cxcywh = boxes.flatten(0, 1).float()  # (N*Q, 4)
-        labels = torch.cat([t["labels"] for t in targets]).to(logits.device).long()  # (T_total,)
-        target_cxcywh = torch.cat([t["boxes"] for t in targets]).to(boxes_cxcywh)  # (T_total, 4)
-        sizes = [len(t["labels"]) for t in targets]
-
         cost_class = focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma)
-        _check_finite("class", cost_class, Q, sizes)
+        _check_finite("class", cost_class, num_queries, sizes)
         # L1 on cxcywh alone favours big boxes being matched loosely; GIoU is
         # scale-invariant and complements it.
-        cost_bbox = torch.cdist(boxes_cxcywh, target_cxcywh, p=1)
-        _check_finite("bbox", cost_bbox, Q, sizes)
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes_cxcywh),
-                                         box_cxcywh_to_xyxy(target_cxcywh))
-        _check_finite("giou", cost_giou, Q, sizes)
+        cost_bbox = torch.cdist(boxes, target_cxcywh, p=1)
+        _check_finite("bbox", cost_bbox, num_queries, sizes)
+        cost_giou = -batched_generalized_box_iou(box_cxcywh_to_xyxy(boxes),
+                                                 box_cxcywh_to_xyxy(target_cxcywh))
+        _check_finite("giou", cost_giou, num_queries, sizes)
         return self.cost_class * cost_class + self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
 
     def _assign(self, cost: Tensor, image: int) -> tuple[Tensor, Tensor]:
@@ -131,18 +142,24 @@ class HungarianMatcher(nn.Module):
 
 
 def _check_finite(term: str, cost: Tensor, num_queries: int, sizes: list[int]) -> None:
-    """Raise FloatingPointError naming `term` and an image if `cost` (N*Q, T_total) is not finite."""
+    """Raise FloatingPointError naming `term` and an image if `cost` is not finite. `cost`
+    is (N, Q, T_max), one block per image, or (1, N*Q, T_total), every query against
+    every target."""
     bad = ~torch.isfinite(cost)
     if not bad.any():
         return
-    query_image = torch.arange(cost.shape[0], device=cost.device) // num_queries  # (N*Q,)
-    target_image = torch.repeat_interleave(torch.arange(len(sizes), device=cost.device),
-                                           torch.tensor(sizes, device=cost.device))  # (T_total,)
-    # A bad target box spoils its own image's block; a bad prediction spoils its
-    # whole row. Prefer an image's own block, the one scipy would choke on.
-    own_block = bad & (query_image[:, None] == target_image[None, :])
-    row = int((own_block if own_block.any() else bad).nonzero()[0, 0])
+    if len(cost) > 1 or len(sizes) == 1:  # per image: a bad box spoils only its own block
+        image = int(bad.flatten(1).any(1).nonzero()[0, 0])
+    else:
+        bad = bad[0]
+        query_image = torch.arange(bad.shape[0], device=bad.device) // num_queries  # (N*Q,)
+        target_image = torch.repeat_interleave(torch.arange(len(sizes), device=bad.device),
+                                               torch.tensor(sizes, device=bad.device))
+        # A bad target box spoils its own image's columns; a bad prediction its whole
+        # row. Prefer an image's own block, the one scipy would choke on.
+        own_block = bad & (query_image[:, None] == target_image[None, :])
+        image = int((own_block if own_block.any() else bad).nonzero()[0, 0]) // num_queries
     inputs = "pred_logits" if term == "class" else "pred_boxes or the target boxes"
     raise FloatingPointError(
-        f"the '{term}' matching cost is not finite for image {row // num_queries}: {inputs} "
+        f"the '{term}' matching cost is not finite for image {image}: {inputs} "
         "contain NaN or inf (a diverged run: lower the learning rate, check fp16/bf16 overflow)")

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from ddetr_tutorial.box_ops import (box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh,
-                                    generalized_box_iou)
+from ddetr_tutorial.box_ops import (batched_generalized_box_iou, box_area, box_cxcywh_to_xyxy,
+                                    box_iou, box_xyxy_to_cxcywh, generalized_box_iou,
+                                    paired_generalized_box_iou)
 
 # Known GIoU losses (1 - GIoU), the cases torchvision checks:
 #  identical -> 0; a box of a quarter of the area centred inside -> IoU 1/4, enclosing box
@@ -59,6 +60,31 @@ def test_giou_is_between_minus_one_and_iou():
     giou = generalized_box_iou(boxes1, boxes2)
     assert giou.shape == (20, 30)
     assert (giou >= -1).all() and (giou <= iou + 1e-6).all()
+
+
+def test_paired_and_batched_giou_equal_the_pairwise_one():
+    g = torch.Generator().manual_seed(1)
+    boxes1 = box_cxcywh_to_xyxy(torch.rand(3, 7, 4, generator=g))
+    boxes2 = box_cxcywh_to_xyxy(torch.rand(3, 5, 4, generator=g))
+    batched = batched_generalized_box_iou(boxes1, boxes2)
+    assert batched.shape == (3, 7, 5)
+    for i in range(3):
+        pairwise = generalized_box_iou(boxes1[i], boxes2[i])
+        torch.testing.assert_close(batched[i], pairwise, rtol=0, atol=0)
+        paired = paired_generalized_box_iou(boxes1[i, :5], boxes2[i])
+        torch.testing.assert_close(paired, pairwise[:5].diagonal(), rtol=0, atol=0)
+    # The known value: a quarter-area box centred inside the other has GIoU 1/4.
+    outer, inner = torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[0.5, 0.5, 1.5, 1.5]])
+    assert paired_generalized_box_iou(outer, inner).item() == pytest.approx(0.25)
+
+
+def test_paired_and_batched_giou_reject_bad_shapes():
+    with pytest.raises(ValueError, match="equal shapes"):
+        paired_generalized_box_iou(torch.zeros(3, 4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"\(N, B1, 4\) and \(N, B2, 4\)"):
+        batched_generalized_box_iou(torch.zeros(2, 3, 4), torch.zeros(3, 3, 4))
+    with pytest.raises(ValueError, match="contains NaN"):
+        batched_generalized_box_iou(torch.full((1, 2, 4), float("nan")), torch.zeros(1, 2, 4))
 
 
 def test_cxcywh_xyxy_round_trip_and_known_value():

@@ -104,6 +104,19 @@ def test_batched_equals_per_image_with_an_empty_image():
     assert batched[1][0].shape == batched[1][1].shape == (0,)
 
 
+def test_per_image_costs_are_the_diagonal_blocks_of_the_cost_matrix():
+    # forward() pads each image's targets to the longest list; the padding must not
+    # leak into the real columns, whatever the image order.
+    outputs, targets = random_problem((5, [2, 0, 4, 1]), seed=9)
+    matcher = HungarianMatcher()
+    full = matcher.cost_matrix(outputs["pred_logits"], outputs["pred_boxes"], targets)
+    starts = [0, 2, 2, 6, 7]
+    for i, (query_idx, target_idx) in enumerate(matcher(outputs, targets)):
+        block = full[5 * i:5 * (i + 1), starts[i]:starts[i + 1]].numpy()
+        expected = brute_force_min(block.tolist()) if block.size else 0.0
+        assert block[query_idx, target_idx].sum() == pytest.approx(expected, abs=1e-5)
+
+
 def test_detr_sized_problem_and_identical_copies():
     # DETR's test_hungarian: 100 queries, 15 targets, 91 classes.
     outputs, targets = random_problem((100, [15]), seed=11, num_classes=91)
