@@ -348,20 +348,18 @@ def plot_log(log_path: Path, png_path: Path) -> None:
     rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line]
     if not rows:
         return
-    epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for key in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou"):
-        if key in rows[0]:
-            axes[0].plot(epochs, [r.get(key) for r in rows], label=key.removeprefix("train_"))
-    axes[0].set_xlabel("epoch")
-    axes[0].set_title("training loss")
-    axes[0].legend(fontsize=7)
-    for key in ("AP", "AP50", "APs"):
-        if key in rows[0]:
-            axes[1].plot(epochs, [r.get(key) for r in rows], marker="o", label=key)
-    axes[1].set_xlabel("epoch")
-    axes[1].set_title("COCO val")
-    axes[1].legend(fontsize=7)
+    curves = [("training loss", ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou"), ""),
+              ("COCO val", ("AP", "AP50", "APs"), "o")]
+    for ax, (title, keys, marker) in zip(axes, curves):
+        for key in keys:  # AP only on the epochs that were evaluated (eval_every)
+            points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker=marker or None, label=key.removeprefix("train_"))
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

@@ -252,3 +252,28 @@ def test_warm_up_is_linear_then_follows_the_step_schedule():
         factor = min(1.0, (step + 1) / 5)
         torch.testing.assert_close(lrs, [b * decay * factor for b in bases])
     assert seen[4] == bases and seen[6] == [b * 0.1 for b in bases]
+
+
+def test_plot_log_draws_ap_only_where_evaluated(tmp_path, recwarn):
+    # eval_every=2: epoch 1 has no AP. The AP curve must skip it, without an
+    # empty-legend warning or a None point.
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rows = [{"epoch": 1, "train_loss": 3.0},
+            {"epoch": 2, "train_loss": 2.0, "AP": 0.1, "AP50": 0.2, "APs": 0.05}]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = []
+    original = plt.Axes.plot
+    def spy(ax, *args, **kwargs):
+        drawn.append((kwargs.get("label"), list(args[0])))
+        return original(ax, *args, **kwargs)
+    plt.Axes.plot = spy
+    try:
+        engine.plot_log(log, tmp_path / "curves.png")
+    finally:
+        plt.Axes.plot = original
+    assert Image.open(tmp_path / "curves.png").size[0] > 0
+    assert ("loss", [1, 2]) in drawn and ("AP", [2]) in drawn
+    assert not [w for w in recwarn if "legend" in str(w.message).lower()]
