@@ -110,15 +110,16 @@ class HungarianMatcher(nn.Module):
         labels = torch.cat([t["labels"] for t in targets]).to(logits.device).long()  # (T_total,)
         target_cxcywh = torch.cat([t["boxes"] for t in targets]).to(logits.device).float()
         sizes = [len(t["labels"]) for t in targets]
-        return self._weighted_cost(logits.flatten(0, 1).float()[None], boxes.flatten(0, 1).float()[None],
-                                   labels[None], target_cxcywh[None], Q, sizes)[0]
+        logits, boxes = logits.flatten(0, 1).float(), boxes.flatten(0, 1).float()  # (N*Q, .)
+        return self._weighted_cost(logits[None], boxes[None], labels[None], target_cxcywh[None],
+                                   Q, sizes)[0]
 
     def _weighted_cost(self, logits: Tensor, boxes: Tensor, labels: Tensor,
                        target_cxcywh: Tensor, num_queries: int, sizes: list[int]) -> Tensor:
         """logits (M, R, num_classes), boxes (M, R, 4), labels (M, T), target_cxcywh (M, T, 4)
         -> cost (M, R, T). Either M = N images of Q = R queries each, or M = 1 and R = N*Q."""
-        # Costs in float32: fp16 overflows in the logs, bf16 cannot go to numpy,
-        # and scipy then fails with "matrix contains invalid numeric entries".
+        # The callers pass float32: fp16 overflows in the logs, bf16 cannot go to
+        # numpy, and scipy then fails with "matrix contains invalid numeric entries".
         cost_class = focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma)
         _check_finite("class", cost_class, num_queries, sizes)
         # L1 on cxcywh alone favours big boxes being matched loosely; GIoU is
