@@ -67,10 +67,16 @@ def build_optimizer(model, cfg):
 
 # ----------------------------------------------------------------------------- randomness
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, gpus: bool = True) -> None:
+    """Seed python, numpy and torch. gpus=False seeds torch's CPU generator only:
+    torch.manual_seed also queues a seed for every GPU backend, with a formatted
+    stack trace each time (~1/8 of a data sample's load time)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    if gpus:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -101,11 +107,7 @@ def isolated_rng(seed: int):
     """Run a block on python/numpy/torch RNGs seeded with `seed`, restoring the
     caller's RNG states afterwards."""
     saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    # The CPU generator only: torch.manual_seed also queues a seed for every GPU
-    # backend, with a formatted stack trace each time (~1/8 of a sample's load time).
-    torch.default_generator.manual_seed(seed)
+    seed_everything(seed, gpus=False)  # the restore below covers the CPU generator alone
     try:
         yield
     finally:
@@ -349,7 +351,8 @@ def plot_log(log_path: Path, png_path: Path) -> None:
     if not rows:
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    curves = [("training loss", ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou"), ""),
+    curves = [("training loss", ("train_loss", "train_loss_ce", "train_loss_bbox",
+                                 "train_loss_giou"), ""),
               ("COCO val", ("AP", "AP50", "APs"), "o")]
     for ax, (title, keys, marker) in zip(axes, curves):
         for key in keys:  # AP only on the epochs that were evaluated (eval_every)
