@@ -78,7 +78,8 @@ def test_every_variant_trains(variant):
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert all("layer2" not in n and "layer3" not in n for n in frozen)
     detections = post(outputs, torch.tensor([[96, 128], [80, 100]]))
-    assert detections[0]["boxes"].shape == (30, 4)
+    # the top 100 of the 30 x 4 (query, class) pairs, as the official PostProcess
+    assert detections[0]["boxes"].shape == (100, 4)
 
 
 def test_eval_forward_is_deterministic():
