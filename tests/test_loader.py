@@ -112,18 +112,22 @@ def test_torch_extensions_dir_is_respected(monkeypatch, tmp_path):
     assert loader.build_directory("cpu").parent == Path(get_default_build_root())
 
 
-def test_key_changes_with_source_and_torch_version(tmp_path, monkeypatch):
+def test_key_changes_with_source_place_and_torch_version(tmp_path, monkeypatch):
     key = loader.build_key("cpu")
+    assert loader.build_key("cpu") == key  # stable
     csrc = tmp_path / "csrc"
     shutil.copytree(loader.CSRC, csrc)
     monkeypatch.setattr(loader, "CSRC", csrc)
-    assert loader.build_key("cpu") == key
+    # Same bytes in another checkout: its own folder (the build file holds absolute
+    # source paths, so a shared folder would be rebuilt at each switch).
+    copied = loader.build_key("cpu")
+    assert copied != key
     (csrc / "ms_deform_attn_cpu.cpp").write_text((csrc / "ms_deform_attn_cpu.cpp").read_text()
                                                  + "\n// edited\n")
     edited = loader.build_key("cpu")
-    assert edited != key
+    assert edited not in (key, copied)
     monkeypatch.setattr(torch, "__version__", "0.0.1")
-    assert loader.build_key("cpu") not in (key, edited)
+    assert loader.build_key("cpu") not in (key, copied, edited)
 
 
 def test_backend_environment_variable(monkeypatch):

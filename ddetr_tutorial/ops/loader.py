@@ -3,9 +3,11 @@
 Nothing is compiled at import. The first call that needs a backend builds it
 with `torch.utils.cpp_extension.load` into
 `$TORCH_EXTENSIONS_DIR/ddetr_msda_<backend>_<key>/`, where `key` hashes the
-sources, the compiler flags and the torch, CUDA and Python versions: a changed
-source or a new torch builds into a new folder, so a stale build is never
-loaded. A failed build is remembered for the process and its compiler output
+sources, their folder, the compiler flags and the torch, CUDA and Python
+versions: a changed source or a new torch builds into a new folder, so a stale
+build is never loaded. The folder counts because torch's build file names the
+sources by absolute path: two checkouts sharing one build folder would rebuild
+it each time the other had used it. A failed build is remembered for the process and its compiler output
 is kept in `build.log` beside it.
 """
 
@@ -63,12 +65,14 @@ def extensions_root() -> Path:
 
 
 def build_key(backend: str) -> str:
-    """Hash of everything a build depends on (sources, flags, versions)."""
+    """Hash of everything a build depends on (sources and where they are, flags,
+    versions)."""
     h = hashlib.sha256()
     for name in SOURCES[backend] + HEADERS[backend]:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
-    parts = [torch.__version__, str(torch.version.cuda), sys.version, platform.machine(),
+    parts = [str(CSRC.resolve()), torch.__version__, str(torch.version.cuda), sys.version,
+             platform.machine(),
              repr(CFLAGS[backend]), repr(CUDA_CFLAGS), repr(LDFLAGS[backend]),
              os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
     h.update("|".join(parts).encode())
