@@ -7,8 +7,8 @@ sources, their folder, the compiler flags and the torch, CUDA and Python
 versions: a changed source or a new torch builds into a new folder, so a stale
 build is never loaded. The folder counts because torch's build file names the
 sources by absolute path: two checkouts sharing one build folder would rebuild
-it each time the other had used it. A failed build is remembered for the process and its compiler output
-is kept in `build.log` beside it.
+it each time the other had used it. A failed build is remembered for the
+process and its compiler output is kept in `build.log` beside it.
 """
 
 from __future__ import annotations
@@ -72,8 +72,7 @@ def build_key(backend: str) -> str:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
     parts = [str(CSRC.resolve()), torch.__version__, str(torch.version.cuda), sys.version,
-             platform.machine(),
-             repr(CFLAGS[backend]), repr(CUDA_CFLAGS), repr(LDFLAGS[backend]),
+             platform.machine(), repr(CFLAGS[backend]), repr(CUDA_CFLAGS), repr(LDFLAGS[backend]),
              os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
     h.update("|".join(parts).encode())
     return h.hexdigest()[:16]
