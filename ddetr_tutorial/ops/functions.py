@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
+from collections.abc import Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -102,7 +104,11 @@ def check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
             raise ValueError(f"{letter} must be at least 1, got 0 (value {_shape(value)}, "
                              f"sampling_locations {_shape(sampling_locations)})")
 
-    shapes = [tuple(int(s) for s in row) for row in spatial_shapes.tolist()]
+    known = _known_levels(spatial_shapes, level_start_index)
+    if known is not None:  # built by level_tensors from host ints: no device read
+        shapes = list(known)
+    else:
+        shapes = [tuple(int(s) for s in row) for row in spatial_shapes.tolist()]
     levels = ", ".join(f"({h}, {w})" for h, w in shapes)
     for lvl, (h, w) in enumerate(shapes):
         if h < 1 or w < 1:
@@ -115,7 +121,7 @@ def check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
     starts = [0]
     for h, w in shapes[:-1]:
         starts.append(starts[-1] + h * w)
-    given = [int(s) for s in level_start_index.tolist()]
+    given = starts if known is not None else [int(s) for s in level_start_index.tolist()]
     if given != starts:
         raise ValueError(f"level_start_index is {given} but spatial_shapes {levels} start "
                          f"their levels at {starts}")
@@ -123,6 +129,52 @@ def check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
     device = value.device
     return (spatial_shapes.to(device=device, dtype=torch.int64),
             level_start_index.to(device=device, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------- host-side levels
+
+# id(spatial_shapes) -> (weakref to it, weakref to level_start_index, both
+# tensors' versions, the (H, W) rows). Tensors made by level_tensors carry their
+# values on the host, so validating them reads nothing back from the device.
+_host_levels: dict[int, tuple] = {}
+
+
+def level_tensors(shapes: Sequence[tuple[int, int]], device=None):
+    """(H_l, W_l) rows known on the host -> (spatial_shapes (L, 2), level_start_index (L,))
+    int64 tensors on `device`.
+
+    The op remembers these two tensors' values (until either is changed in place or
+    freed), so the layers of one forward that share them validate without a `.tolist()`
+    device sync: the transformer builds them once per forward from its feature maps.
+    """
+    rows = [(int(h), int(w)) for h, w in shapes]
+    for lvl, (h, w) in enumerate(rows):
+        if h < 1 or w < 1:
+            raise ValueError(f"level {lvl} has size ({h}, {w}); every level needs H, W >= 1 "
+                             f"(levels {rows})")
+    starts = [0]
+    for h, w in rows[:-1]:
+        starts.append(starts[-1] + h * w)
+    spatial_shapes = torch.tensor(rows, dtype=torch.int64, device=device).view(len(rows), 2)
+    level_start_index = torch.tensor(starts, dtype=torch.int64, device=device)
+    key = id(spatial_shapes)
+    _host_levels[key] = (weakref.ref(spatial_shapes, lambda _: _host_levels.pop(key, None)),
+                         weakref.ref(level_start_index), spatial_shapes._version,
+                         level_start_index._version, tuple(rows))
+    return spatial_shapes, level_start_index
+
+
+def _known_levels(spatial_shapes, level_start_index):
+    """The host copy of the rows when both tensors came from `level_tensors` unchanged."""
+    entry = _host_levels.get(id(spatial_shapes))
+    if entry is None:
+        return None
+    shapes_ref, starts_ref, shapes_version, starts_version, rows = entry
+    if (shapes_ref() is not spatial_shapes or starts_ref() is not level_start_index
+            or spatial_shapes._version != shapes_version
+            or level_start_index._version != starts_version):
+        return None
+    return rows
 
 
 def _check_dtypes(value, sampling_locations, attention_weights):
