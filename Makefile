@@ -29,9 +29,9 @@ DEMO_IMAGES := $(foreach i,000000 000001 000002 000003 000004 000005,$(DEMO_DATA
 demo: venv
 	$(PY) -m ddetr_tutorial build-ops
 	$(PY) -m ddetr_tutorial make-data shapes --out $(DEMO_DATA) --train 0 --val 200 --size 128 --seed 0
-	$(PY) -m ddetr_tutorial evaluate --checkpoint data/tiny_shapes.pth --data $(DEMO_DATA) --out $(OUT)/eval_tiny_shapes.json
-	$(PY) -m ddetr_tutorial predict --checkpoint data/tiny_shapes.pth $(DEMO_IMAGES) --out $(OUT)/detections
-	$(PY) -m ddetr_tutorial visualize --checkpoint data/tiny_shapes.pth --image $(DEMO_DATA)/val/000004.png --out $(OUT)/sampling_points.png
+	$(PY) -m ddetr_tutorial evaluate --checkpoint tiny_shapes --data $(DEMO_DATA) --out $(OUT)/eval_tiny_shapes.json
+	$(PY) -m ddetr_tutorial predict --checkpoint tiny_shapes $(DEMO_IMAGES) --out $(OUT)/detections
+	$(PY) -m ddetr_tutorial visualize --checkpoint tiny_shapes --image $(DEMO_DATA)/val/000004.png --out $(OUT)/sampling_points.png
 
 lab: venv
 	mkdir -p notebooks

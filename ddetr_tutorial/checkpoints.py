@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .shipped import resolve_checkpoint
+
 StateDict = dict[str, torch.Tensor]
 
 # thop's profiler registers these two buffers on every module it counts; some
@@ -522,12 +524,12 @@ def export_model(checkpoint, path) -> Path:
 
 
 def load_model(path, device=None, **overrides):
-    """A trained model from a training checkpoint, in eval mode.
+    """A trained model from a training checkpoint (a path or a shipped name), in eval mode.
     Returns (model, cfg, postprocess, meta); `overrides` change config fields
     that do not alter the weights (e.g. op_backend)."""
     from .config import Config, build_model
 
-    state = read_training_state(path)
+    state = read_training_state(resolve_checkpoint(path))
     cfg = Config(**state["config"]).replace(pretrained_backbone=None, **overrides)
     model, _, postprocess = build_model(cfg)
     model.load_state_dict(state["model"])

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .shipped import SHIPPED, resolve_checkpoint
+
 
 def build_ops(args) -> int:
     """Build (or find cached) the compiled backends so later runs start at once."""
@@ -51,6 +53,17 @@ def _parse_overrides(items):
         except (ValueError, SyntaxError):
             overrides[key] = text
     return overrides
+
+
+def _checkpoint(text: str) -> Path:
+    """--checkpoint: a file or a shipped name; a bad one stops at parsing, saying why."""
+    try:
+        return resolve_checkpoint(text)
+    except (ValueError, FileNotFoundError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+CHECKPOINT_HELP = f"a checkpoint file, or a shipped name ({', '.join(SHIPPED)})"
 
 
 def _datasets(args, cfg, splits=("train", "val"), category_ids=None, augment=("train",)):
@@ -273,7 +286,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("evaluate", help="COCO evaluation of a checkpoint",
                             description="Evaluate a checkpoint with pycocotools COCOeval (bbox) "
                             "and print the standard table.")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, type=_checkpoint, help=CHECKPOINT_HELP)
     _add_data_args(p, ("val",))
     p.add_argument("--split", default="val", help="split name under --data (default val)")
     p.add_argument("--out", help="also write the metrics as JSON here")
@@ -286,7 +299,7 @@ def make_parser() -> argparse.ArgumentParser:
                             description="Run a checkpoint on images: writes predictions.json "
                             "(COCO result format, with file names) and an annotated PNG per "
                             "image to --out.")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, type=_checkpoint, help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=float, default=0.5, help="drawn score threshold")
@@ -299,7 +312,8 @@ def make_parser() -> argparse.ArgumentParser:
                             description="Write the model weights, config and metadata of a "
                             "training checkpoint to a smaller file (no optimizer or RNG "
                             "state); evaluate/predict read either.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
+    p.add_argument("--checkpoint", required=True, type=_checkpoint,
+                   help="a checkpoint written by train, or a shipped name")
     p.add_argument("--out", required=True, help="the file to write")
     p.set_defaults(func=export)
 
@@ -308,7 +322,7 @@ def make_parser() -> argparse.ArgumentParser:
                             "sampling points and attention weights, a panel per feature level: "
                             "by default the decoder query of the top detection; --pixel picks "
                             "the encoder query at a pixel instead.")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, type=_checkpoint, help=CHECKPOINT_HELP)
     p.add_argument("--image", required=True, help="an image file")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--query", type=int, default=None,

@@ -2,6 +2,9 @@
 
 `fast_mode()` is True when DDETR_FAST=1, or when CI is set and DDETR_FAST is not:
 notebooks then shrink their sizes and steps so nbmake runs them all in minutes.
+The shipped model is package data (`ddetr_tutorial/shipped/`), found without the
+repository; `REPO` is only for notebooks that read the checkout's own files
+(benchmarks/results) and means nothing in an installed copy.
 """
 
 from __future__ import annotations
@@ -9,8 +12,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .checkpoints import load_model
+from .shipped import SHIPPED, shipped_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_MODEL = REPO / "data" / "tiny_shapes.pth"
+SHIPPED_MODEL = SHIPPED["tiny_shapes"]
 
 
 def fast_mode() -> bool:
@@ -23,11 +29,6 @@ def fast_mode() -> bool:
 
 
 def load_shipped_model(device="cpu", **overrides):
-    """The tiny model trained on the shapes set (data/tiny_shapes.pth), in eval mode:
-    (model, cfg, postprocess, meta), as `checkpoints.load_model` returns."""
-    from .checkpoints import load_model
-
-    if not SHIPPED_MODEL.is_file():
-        raise FileNotFoundError(f"the shipped model is missing: expected {SHIPPED_MODEL} "
-                                f"(it is committed with the repository)")
-    return load_model(SHIPPED_MODEL, device=device, **overrides)
+    """The tiny model trained on the shapes set (shipped as "tiny_shapes"), in eval
+    mode: (model, cfg, postprocess, meta), as `checkpoints.load_model` returns."""
+    return load_model(shipped_checkpoint("tiny_shapes"), device=device, **overrides)

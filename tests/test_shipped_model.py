@@ -1,4 +1,4 @@
-"""The shipped model still detects: data/tiny_shapes.pth on a regenerated shapes-val
+"""The shipped model still detects: tiny_shapes on a regenerated shapes-val
 (the split does not depend on --train) against the project's target and its model card."""
 
 import pytest
@@ -9,7 +9,7 @@ from ddetr_tutorial.data import CocoDetection, collate_fn, make_shapes
 from ddetr_tutorial.engine import evaluate, make_loader
 from ddetr_tutorial.notebook import load_shipped_model
 
-# data/tiny_shapes.md, shapes-val at 96 px
+# ddetr_tutorial/shipped/tiny_shapes.md, shapes-val at 96 px
 CARD = {"AP": 0.681, "AP50": 0.903, "AP75": 0.789, "APs": 0.583, "APm": 0.747, "APl": 0.845}
 
 

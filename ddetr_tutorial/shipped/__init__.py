@@ -1,0 +1,58 @@
+"""The checkpoints shipped inside the package, by name.
+
+`tiny_shapes.pth` (12.6 MiB, model card `tiny_shapes.md` beside it) is the `tiny`
+config trained on the synthetic shapes set. The files travel as package data, so
+a name works after `pip install .` from any folder, wherever a checkpoint path is
+accepted: `load_model("tiny_shapes")`, `--checkpoint tiny_shapes`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FOLDER = Path(__file__).resolve().parent
+
+# name -> file inside this package
+SHIPPED = {
+    "tiny_shapes": FOLDER / "tiny_shapes.pth",
+}
+
+
+def shipped_checkpoint(name: str) -> Path:
+    """The file of a shipped checkpoint, by name (never a local file)."""
+    if name not in SHIPPED:
+        raise ValueError(f"{name!r} is not a shipped checkpoint; shipped: {_names()}")
+    path = SHIPPED[name]
+    if not path.is_file():  # an install that dropped the package data
+        raise FileNotFoundError(f"the shipped checkpoint {name!r} is missing from the package: "
+                                f"expected {path} (reinstall ddetr-tutorial)")
+    return path
+
+
+def model_card(name: str) -> Path:
+    """The model card (Markdown) of a shipped checkpoint: how it was made, its AP."""
+    return shipped_checkpoint(name).with_suffix(".md")
+
+
+def resolve_checkpoint(name_or_path) -> Path:
+    """A checkpoint file from a shipped name (`"tiny_shapes"`) or a path.
+
+    An existing file wins over a name, so a local file is never shadowed; a name
+    resolves to its file inside the package. Anything else is a ValueError that
+    names the value, the shipped names and that no file exists there.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"a checkpoint is a file path or a shipped name ({_names()}), "
+                        f"got {type(name_or_path).__name__} {name_or_path!r}")
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if isinstance(name_or_path, str) and name_or_path in SHIPPED:
+        return shipped_checkpoint(name_or_path)
+    raise ValueError(f"no checkpoint {os.fspath(name_or_path)!r}: no file exists at "
+                     f"{path.resolve()} and it is not a shipped name ({_names()})")
+
+
+def _names() -> str:
+    return ", ".join(repr(n) for n in SHIPPED)
