@@ -20,6 +20,7 @@ import torch
 NAMESPACE = "ddetr_tutorial"
 FORWARD = f"{NAMESPACE}::ms_deform_attn"
 BACKWARD = f"{NAMESPACE}::ms_deform_attn_backward"
+DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 _INPUTS = ("Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
            "Tensor sampling_locations, Tensor attention_weights")
@@ -70,3 +71,10 @@ def _backward(ctx, grad_output):
 
 
 torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
+
+
+def registered_kernels(backend: str) -> list[str]:
+    """The ops ('ddetr_tutorial::...') that have a kernel for `backend` ('cpu', 'cuda')."""
+    key = DISPATCH_KEYS[backend]
+    return [name for name in (FORWARD, BACKWARD)
+            if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)]
