@@ -52,6 +52,14 @@ def test_fake_tensors_give_shapes_and_dtypes():
     assert [g.shape for g in grads] == [value.shape, loc.shape, attn.shape]
 
 
+def test_double_backward_is_an_error():
+    args = leaves(make_inputs(SHAPES["non_square"], N=1, Lq=2, M=1, D=2, K=1))
+    out = ms_deform_attn(*args, backend="cpu")
+    grad_loc, = torch.autograd.grad(out.sum(), args[3], create_graph=True)
+    with pytest.raises(RuntimeError, match="ms_deform_attn is differentiable once"):
+        grad_loc.sum().backward()
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_opcheck(backend, dtype):

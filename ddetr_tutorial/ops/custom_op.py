@@ -60,8 +60,6 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
-    # The backward op is not differentiable itself: no double backward, as in the
-    # official Function (once_differentiable).
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
         ctx.saved_tensors)
     grad_value, grad_locations, grad_weights = torch.ops.ddetr_tutorial.ms_deform_attn_backward(
@@ -70,7 +68,14 @@ def _backward(ctx, grad_output):
     return grad_value, None, None, grad_locations, grad_weights
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("ms_deform_attn is differentiable once: its backward op has no "
+                       "gradient (no double backward, as in the official op)")
+
+
 torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
+# Without an autograd kernel a double backward would only warn and give zeros.
+torch.library.register_autograd(BACKWARD, _no_double_backward)
 
 
 def registered_kernels(backend: str) -> list[str]:

@@ -63,7 +63,12 @@ def _shape(t):
 def check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                  attention_weights):
     """Validate the op's inputs; return (spatial_shapes, level_start_index) as
-    int64 tensors on value's device."""
+    int64 tensors on value's device.
+
+    Types, shapes, dtypes and devices are checked always; the index values (levels
+    at least 1x1, S tokens, level starts) only in eager mode, from the host copy of
+    `level_tensors` when there is one, else by reading them with `.tolist()`.
+    """
     names = ("value", "spatial_shapes", "level_start_index", "sampling_locations",
              "attention_weights")
     tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
