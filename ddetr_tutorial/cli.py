@@ -16,7 +16,7 @@ def build_ops(args) -> int:
     """Build (or find cached) the compiled backends so later runs start at once."""
     import torch
 
-    from .ops import loader
+    from .ops import custom_op, loader
 
     wanted = list(loader.BACKENDS) if args.backend == "all" else [args.backend]
     failed = 0
@@ -31,7 +31,9 @@ def build_ops(args) -> int:
             print(f"{backend}: FAILED: {err}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{backend}: ready in {time.perf_counter() - start:.1f} s ({module.__file__})")
+        kernels = ", ".join(custom_op.registered_kernels(backend))
+        print(f"{backend}: ready in {time.perf_counter() - start:.1f} s ({module.__file__}); "
+              f"{custom_op.DISPATCH_KEYS[backend]} kernels of {kernels}")
     return 1 if failed else 0
 
 

@@ -12,7 +12,8 @@ import torch
 from torch.utils.cpp_extension import get_default_build_root
 
 from ddetr_tutorial import cli
-from ddetr_tutorial.ops import BuildError, functions, loader, ms_deform_attn, ms_deform_attn_pytorch
+from ddetr_tutorial.ops import (BuildError, custom_op, functions, loader, ms_deform_attn,
+                                ms_deform_attn_pytorch)
 from msda_inputs import SHAPES, make_inputs
 
 
@@ -92,6 +93,24 @@ def test_explicit_backend_raises_on_failed_build(broken_sources):
 def test_build_ops_reports_failure(broken_sources, capsys):
     assert cli.main(["build-ops", "--backend", "cpu"]) == 1
     assert "cpu: FAILED" in capsys.readouterr().err
+
+
+def test_build_ops_reports_the_registered_kernels(capsys):
+    assert cli.main(["build-ops", "--backend", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu: ready in" in out and str(loader.build_directory("cpu")) in out
+    assert ("CPU kernels of ddetr_tutorial::ms_deform_attn, "
+            "ddetr_tutorial::ms_deform_attn_backward") in out
+
+
+def test_an_extension_without_its_kernels_is_a_build_error(monkeypatch):
+    loader.load_extension("cpu")  # built and cached: the reload below compiles nothing
+    monkeypatch.setattr(loader, "_modules", {})
+    monkeypatch.setattr(loader, "_failures", {})
+    monkeypatch.setattr(custom_op, "registered_kernels", lambda backend: [custom_op.FORWARD])
+    with pytest.raises(BuildError, match="registered no cpu kernel for "
+                                         "ddetr_tutorial::ms_deform_attn_backward"):
+        loader.load_extension("cpu")
 
 
 def test_build_is_reused_by_a_new_process():

@@ -1,11 +1,12 @@
 """Bad input to ms_deform_attn gets a ValueError/TypeError that names the numbers."""
 
+import gc
 import re
 
 import pytest
 import torch
 
-from ddetr_tutorial.ops import ms_deform_attn
+from ddetr_tutorial.ops import check_inputs, functions, level_tensors, ms_deform_attn
 from msda_inputs import SHAPES, make_inputs
 
 
@@ -139,3 +140,77 @@ def test_devices_must_agree():
     meta = loc.to("meta")
     expect(ValueError, "sampling_locations is on meta but value is on cpu",
            (value, ss, starts, meta, attn))
+
+
+# ------------------------------------------------------------------ level_tensors: no device read
+
+@pytest.fixture
+def count_tolist(monkeypatch):
+    """Counts Tensor.tolist calls (the device read of the index checks)."""
+    calls = []
+    original = torch.Tensor.tolist
+
+    def counted(self):
+        calls.append(tuple(self.shape))
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    return calls
+
+
+def test_level_tensors_match_hand_built_ones():
+    ss, starts = level_tensors(SHAPES["four_levels"])
+    value, hand_ss, hand_starts, loc, attn = inputs()
+    assert torch.equal(ss, hand_ss) and torch.equal(starts, hand_starts)
+    assert ss.dtype == starts.dtype == torch.int64
+    with pytest.raises(ValueError, match=re.escape("level 1 has size (0, 3)")):
+        level_tensors([(2, 2), (0, 3)])
+
+
+def test_level_tensors_are_validated_without_reading_them(monkeypatch):
+    def no_reads(self):
+        raise AssertionError("tolist called on a level_tensors pair")
+
+    ss, starts = level_tensors(SHAPES["four_levels"])
+    value, _, _, loc, attn = inputs()
+    monkeypatch.setattr(torch.Tensor, "tolist", no_reads)
+    for _ in range(3):  # one forward's layers share the pair
+        check_inputs(value, ss, starts, loc, attn)
+        ms_deform_attn(value, ss, starts, loc, attn, backend="cpu")
+    # The host copy still catches a token count that does not match.
+    expect(ValueError, "value has 336 tokens but spatial_shapes sum to 340",
+           (value[:, :336], ss, starts, loc, attn), backend="cpu")
+
+
+def test_foreign_index_tensors_are_read(count_tolist):
+    value, ss, starts, loc, attn = inputs()
+    check_inputs(value, ss, starts, loc, attn)
+    assert len(count_tolist) == 2  # spatial_shapes and level_start_index
+    host_ss, host_starts = level_tensors(SHAPES["four_levels"])
+    count_tolist.clear()
+    check_inputs(value, host_ss, starts, loc, attn)  # a pair made apart is not trusted
+    check_inputs(value, ss, host_starts, loc, attn)
+    assert len(count_tolist) == 4
+
+
+def test_level_tensors_changed_in_place_are_read_again(count_tolist):
+    value, _, _, loc, attn = inputs()
+    ss, starts = level_tensors(SHAPES["four_levels"])
+    ss[3] = torch.tensor([1, 2])  # in place: the host copy no longer holds
+    expect(ValueError, re.escape("value has 340 tokens but spatial_shapes sum to 338 "
+                                 "(levels (16, 16), (8, 8), (4, 4), (1, 2))"),
+           (value, ss, starts, loc, attn))
+    assert count_tolist
+    ss, starts = level_tensors(SHAPES["four_levels"])
+    starts.add_(1)
+    expect(ValueError, re.escape("level_start_index is [1, 257, 321, 337]"),
+           (value, ss, starts, loc, attn))
+
+
+def test_level_tensors_are_forgotten_when_freed():
+    ss, starts = level_tensors(SHAPES["four_levels"])
+    key = id(ss)
+    assert functions._known_levels(ss, starts) == tuple(SHAPES["four_levels"])
+    del ss, starts
+    gc.collect()
+    assert key not in functions._host_levels

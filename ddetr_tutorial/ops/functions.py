@@ -1,4 +1,4 @@
-"""`ms_deform_attn`: input validation, backend choice and the autograd Functions.
+"""`ms_deform_attn`: input validation, backend choice, and the call into the op.
 
 Backends, one contract (see DESIGN.md, "The op contract"):
   pytorch  the `grid_sample` reference (`reference.py`), runs anywhere
@@ -7,6 +7,13 @@ Backends, one contract (see DESIGN.md, "The op contract"):
   auto     the compiled kernel for the tensors' device when it builds, else
            pytorch with one warning. `DDETR_BACKEND` overrides it, and
            `DDETR_STRICT=1` makes a failed build raise instead of falling back.
+
+The compiled backends run as one registered op,
+`torch.ops.ddetr_tutorial.ms_deform_attn` (`custom_op.py`: schema, fake and
+autograd; the kernels register themselves when the loader imports them), so
+`torch.compile(fullgraph=True)` traces it. While compiling, the backend is
+chosen once, when the graph is traced, and the checks that read index values
+(`.tolist()`) are skipped; the shape, dtype and device checks still run.
 """
 
 from __future__ import annotations
@@ -17,9 +24,8 @@ import weakref
 from collections.abc import Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from . import loader
+from . import custom_op, loader  # noqa: F401  custom_op defines torch.ops.ddetr_tutorial.*
 from .reference import ms_deform_attn_pytorch
 
 BACKEND_CHOICES = ("auto", "pytorch", "cpu", "cuda")
@@ -40,13 +46,12 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     """
     spatial_shapes, level_start_index = check_inputs(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    backend = resolve_backend(backend, value)
+    backend = _resolve(backend, value.device.type, value.dtype)
     if backend == "pytorch":
         return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index,
                                       sampling_locations, attention_weights)
-    function = CPUMSDeformAttnFunction if backend == "cpu" else CUDAMSDeformAttnFunction
-    return function.apply(value, spatial_shapes, level_start_index,
-                          sampling_locations, attention_weights)
+    return torch.ops.ddetr_tutorial.ms_deform_attn(value, spatial_shapes, level_start_index,
+                                                   sampling_locations, attention_weights)
 
 
 # --------------------------------------------------------------------------- validation
@@ -58,7 +63,12 @@ def _shape(t):
 def check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                  attention_weights):
     """Validate the op's inputs; return (spatial_shapes, level_start_index) as
-    int64 tensors on value's device."""
+    int64 tensors on value's device.
+
+    Types, shapes, dtypes and devices are checked always; the index values (levels
+    at least 1x1, S tokens, level starts) only in eager mode, from the host copy of
+    `level_tensors` when there is one, else by reading them with `.tolist()`.
+    """
     names = ("value", "spatial_shapes", "level_start_index", "sampling_locations",
              "attention_weights")
     tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
@@ -104,6 +114,18 @@ def check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
             raise ValueError(f"{letter} must be at least 1, got 0 (value {_shape(value)}, "
                              f"sampling_locations {_shape(sampling_locations)})")
 
+    if not torch.compiler.is_compiling():  # reading values would break the graph
+        _check_levels(S, spatial_shapes, level_start_index)
+    device = value.device
+    return (spatial_shapes.to(device=device, dtype=torch.int64),
+            level_start_index.to(device=device, dtype=torch.int64))
+
+
+def _check_levels(S, spatial_shapes, level_start_index):
+    """Every level at least 1x1, S tokens in all, level_start_index their prefix sums.
+
+    Reads the values: from the host copy of `level_tensors`, else by `.tolist()`.
+    """
     known = _known_levels(spatial_shapes, level_start_index)
     if known is not None:  # built by level_tensors from host ints: no device read
         shapes = list(known)
@@ -125,10 +147,6 @@ def check_inputs(value, spatial_shapes, level_start_index, sampling_locations,
     if given != starts:
         raise ValueError(f"level_start_index is {given} but spatial_shapes {levels} start "
                          f"their levels at {starts}")
-
-    device = value.device
-    return (spatial_shapes.to(device=device, dtype=torch.int64),
-            level_start_index.to(device=device, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------- host-side levels
@@ -213,6 +231,14 @@ def _strict() -> bool:
 
 def resolve_backend(backend: str, value: torch.Tensor) -> str:
     """The backend that will run for `value`: 'pytorch', 'cpu' or 'cuda'."""
+    return _resolve(backend, value.device.type, value.dtype)
+
+
+# torch.compile runs this once, when it traces, and keeps the answer as a constant:
+# the env variables, the build and its warning are trace-time decisions, like a
+# module's settings.
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str, dtype: torch.dtype) -> str:
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
@@ -223,63 +249,25 @@ def resolve_backend(backend: str, value: torch.Tensor) -> str:
     if backend == "pytorch":
         return backend
     if backend == "auto":
-        kernel = value.device.type
-        if kernel not in _KERNEL_DTYPES or value.dtype not in _KERNEL_DTYPES[kernel]:
+        if device_type not in _KERNEL_DTYPES or dtype not in _KERNEL_DTYPES[device_type]:
             return "pytorch"  # no kernel for this device or dtype: the reference is the path
         try:
-            loader.load_extension(kernel)
+            loader.load_extension(device_type)
         except loader.BuildError as err:
             if _strict():
                 raise
-            if kernel not in _warned:
-                _warned.add(kernel)
+            if device_type not in _warned:
+                _warned.add(device_type)
                 warnings.warn(f"{err}. Falling back to the pytorch reference (set "
-                              "DDETR_STRICT=1 to raise instead).", RuntimeWarning, stacklevel=3)
+                              "DDETR_STRICT=1 to raise instead).", RuntimeWarning, stacklevel=4)
             return "pytorch"
-        return kernel
+        return device_type
     # An explicit compiled backend: wrong device or dtype is the caller's error.
-    if value.device.type != backend:
+    if device_type != backend:
         raise ValueError(f"backend={backend!r} needs {backend.upper()} tensors, but value is "
-                         f"on {value.device}")
-    if value.dtype not in _KERNEL_DTYPES[backend]:
+                         f"on {device_type}")
+    if dtype not in _KERNEL_DTYPES[backend]:
         supported = ", ".join(str(d) for d in _KERNEL_DTYPES[backend])
-        raise TypeError(f"backend={backend!r} supports {supported}, got {value.dtype}")
-    loader.load_extension(backend)
+        raise TypeError(f"backend={backend!r} supports {supported}, got {dtype}")
+    loader.load_extension(backend)  # registers the kernel of torch.ops.ddetr_tutorial
     return backend
-
-
-class _CompiledMSDeformAttnFunction(torch.autograd.Function):
-    """Forward and backward through one compiled extension (`backend` below)."""
-
-    backend = ""
-
-    @classmethod
-    def forward(cls, ctx, value, spatial_shapes, level_start_index, sampling_locations,
-                attention_weights):
-        ext = loader.load_extension(cls.backend)
-        # The kernels take locations and weights in value's math type (float32 for
-        # half precision) and every tensor contiguous.
-        opmath = torch.float64 if value.dtype == torch.float64 else torch.float32
-        args = (value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
-                sampling_locations.to(opmath).contiguous(),
-                attention_weights.to(opmath).contiguous())
-        ctx.save_for_backward(*args)
-        ctx.dtypes = (sampling_locations.dtype, attention_weights.dtype)
-        return ext.forward(*args)
-
-    @classmethod
-    @once_differentiable
-    def backward(cls, ctx, grad_output):
-        ext = loader.load_extension(cls.backend)
-        grad_value, grad_loc, grad_attn = ext.backward(*ctx.saved_tensors,
-                                                       grad_output.contiguous())
-        loc_dtype, attn_dtype = ctx.dtypes
-        return grad_value, None, None, grad_loc.to(loc_dtype), grad_attn.to(attn_dtype)
-
-
-class CPUMSDeformAttnFunction(_CompiledMSDeformAttnFunction):
-    backend = "cpu"
-
-
-class CUDAMSDeformAttnFunction(_CompiledMSDeformAttnFunction):
-    backend = "cuda"

@@ -9,6 +9,11 @@ build is never loaded. The folder counts because torch's build file names the
 sources by absolute path: two checkouts sharing one build folder would rebuild
 it each time the other had used it. A failed build is remembered for the
 process and its compiler output is kept in `build.log` beside it.
+
+Importing a built extension registers its kernels of
+`torch.ops.ddetr_tutorial.ms_deform_attn` and `..._backward` with the
+dispatcher (`TORCH_LIBRARY_IMPL` in csrc/bind.cpp; the schemas are defined in
+`custom_op.py`): the CPU extension for the CPU key, the CUDA one for CUDA.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from . import custom_op
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 BACKENDS = ("cpu", "cuda")
@@ -87,7 +94,8 @@ def is_loaded(backend: str) -> bool:
 
 
 def load_extension(backend: str) -> ModuleType:
-    """Return the compiled module for `backend`, building it on first use.
+    """Return the compiled module for `backend`, building it on first use; once it
+    is loaded, torch.ops.ddetr_tutorial.ms_deform_attn runs on that device.
 
     Raises `BuildError` (remembered for this process) when it cannot be built.
     """
@@ -114,7 +122,7 @@ def _build(backend: str) -> ModuleType:
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "build.log"
     try:
-        return load(
+        module = load(
             name=folder.name,
             sources=[str(CSRC / s) for s in SOURCES[backend]],
             # copies: load() appends to the lists it is given
@@ -129,6 +137,11 @@ def _build(backend: str) -> ModuleType:
         text = f"{type(exc).__name__}: {exc}"
         log.write_text(text)
         raise BuildError(backend, _first_error_line(text), log) from exc
+    missing = {custom_op.FORWARD, custom_op.BACKWARD} - set(custom_op.registered_kernels(backend))
+    if missing:
+        raise BuildError(backend, f"{module.__file__} registered no {backend} kernel for "
+                         f"{', '.join(sorted(missing))}", None)
+    return module
 
 
 def _first_error_line(text: str) -> str:

@@ -1,6 +1,7 @@
-// Second-line checks shared by the CPU and CUDA bindings. The Python layer
+// Second-line checks shared by the CPU and CUDA bindings. The Python wrapper
 // (ddetr_tutorial/ops/functions.py) validates inputs with messages that name
-// the numbers; these only keep a contract violation from becoming a bad read.
+// the numbers; these keep a direct torch.ops call that breaks the contract from
+// becoming a bad read.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +9,21 @@
 
 namespace ddetr {
 
+// Before the cast to opmath: locations and weights are value's dtype or its opmath type.
+inline void check_float_types(const at::Tensor& value, const at::Tensor& sampling_locations,
+                              const at::Tensor& attention_weights) {
+  const auto dtype = value.scalar_type();
+  TORCH_CHECK(at::isFloatingType(dtype) && !at::isComplexType(dtype),
+              "ms_deform_attn: value must be a floating tensor, got ", dtype);
+  const auto opmath = at::toOpMathType(dtype);
+  for (const at::Tensor* t : {&sampling_locations, &attention_weights}) {
+    TORCH_CHECK(t->scalar_type() == dtype || t->scalar_type() == opmath,
+                "ms_deform_attn: sampling_locations and attention_weights must be ", dtype,
+                " or ", opmath, " for a ", dtype, " value, got ", t->scalar_type());
+  }
+}
+
+// After the cast: the kernels' contract of ms_deform_attn.h.
 inline void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                          const at::Tensor& level_start_index,
                          const at::Tensor& sampling_locations,

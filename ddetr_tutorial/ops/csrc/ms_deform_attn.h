@@ -11,9 +11,10 @@
 // Bilinear sampling with align_corners=False and zero padding, as
 // F.grid_sample on 2 * loc - 1.
 //
-// The Python layer validates shapes, dtypes and devices and makes every tensor
-// contiguous before it calls these; check_inputs() below is the second line
-// that turns a contract violation into an error rather than a bad read.
+// The Python wrapper validates shapes, dtypes and devices; bind.cpp, which
+// registers these as the kernels of torch.ops.ddetr_tutorial.ms_deform_attn(_backward),
+// makes every tensor contiguous, casts locations and weights to opmath_t and runs
+// the second-line checks of checks.h before it calls them.
 #pragma once
 
 #include <ATen/ATen.h>
