@@ -26,6 +26,10 @@ from .transformer import DeformableTransformer
 
 @dataclass(frozen=True)
 class Config:
+    """Every setting of a run, with the paper's defaults. Frozen; `replace` gives a
+    changed copy. Building one checks it (`check_config`): a wrong type raises
+    TypeError, a value out of range or a rule between fields broken ValueError."""
+
     # --- model (paper Sec. 5 "Implementation details")
     model: str = "deformable"        # "deformable", or "detr" for the dense DETR baseline
     backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50 / resnet101
