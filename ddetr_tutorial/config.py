@@ -199,8 +199,9 @@ def _check_together(cfg: Config) -> None:
                          f"hidden_dim={cfg.hidden_dim} (each of the M heads gets D = C / M "
                          f"channels)")
     if cfg.two_stage and not cfg.with_box_refine:
-        raise ValueError("config field two_stage=True: expected with_box_refine=True too (the "
-                         "two-stage proposals are refined by per-layer box heads)")
+        raise ValueError("config field two_stage=True needs with_box_refine=True, got "
+                         "with_box_refine=False (the two-stage proposals are refined by "
+                         "per-layer box heads)")
     if cfg.model == "detr" and (cfg.with_box_refine or cfg.two_stage):
         raise ValueError(f"config field model='detr': expected with_box_refine=False and "
                          f"two_stage=False (the DETR baseline has neither), got "
