@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -39,8 +40,6 @@ def build_ops(args) -> int:
 
 def _parse_overrides(items):
     """['lr=1e-4', 'with_box_refine=true'] -> {'lr': 0.0001, 'with_box_refine': True}."""
-    import ast
-
     overrides = {}
     for item in items or []:
         key, sep, text = item.partition("=")
@@ -105,11 +104,21 @@ def make_data(args) -> int:
     return 0
 
 
-def train(args) -> int:
+def _config(args):
+    """The preset --config with the --set overrides; a bad field stops here, in one
+    line, before any data is read or a model is built."""
     from .config import get_config
-    from .engine import fit
 
-    cfg = get_config(args.config, **_parse_overrides(args.set))
+    try:
+        return get_config(args.config, **_parse_overrides(args.set))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"{args.command}: {err}") from None
+
+
+def train(args) -> int:
+    from .engine import fit, is_main_process
+
+    cfg = _config(args)
     sets = _datasets(args, cfg)
     if cfg.num_classes < len(sets["train"].category_ids):
         cfg = cfg.replace(num_classes=len(sets["train"].category_ids))
@@ -119,8 +128,6 @@ def train(args) -> int:
                   device=args.device, amp=args.amp, eval_every=args.eval_every,
                   checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
                   max_steps=args.max_steps, progress=not args.quiet)
-    from .engine import is_main_process
-
     if is_main_process() and metrics:
         write_model_card(Path(args.out), cfg, time.perf_counter() - start, metrics, args.argv)
     return 0
@@ -164,7 +171,7 @@ def evaluate(args) -> int:
     from .checkpoints import load_model
     from .data import collate_fn
     from .engine import evaluate as run_evaluation
-    from .engine import make_loader
+    from .reproducibility import make_loader
 
     model, cfg, postprocess, meta = load_model(args.checkpoint, device=args.device)
     split = args.split
@@ -184,6 +191,7 @@ def evaluate(args) -> int:
 
 def predict(args) -> int:
     from .checkpoints import load_model
+    from .predict import predict_images
 
     model, cfg, postprocess, meta = load_model(args.checkpoint, device=args.device)
     written = predict_images(model, cfg, postprocess, args.images, args.out,
@@ -359,75 +367,3 @@ def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     args.argv = argv  # for the model card: the exact command
     return args.func(args)
-
-
-SHEET_SIZE = 12
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def _image_files(paths):
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.exists():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such image or folder: {path}")
-    return files
-
-
-def predict_images(model, cfg, postprocess, paths, out_dir, threshold=0.5, class_names=None,
-                   category_ids=None):
-    """Detect objects in image files: writes predictions.json (COCO result format
-    plus file_name), <name>_detections.png per image and, for several images,
-    detections.png with the first 12 side by side. Returns the JSON path."""
-    import matplotlib.pyplot as plt
-    import torch
-    from PIL import Image
-
-    from .config import build_transforms
-    from .data import collate_fn
-    from .visualize import draw_detections
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    transform = build_transforms(cfg, "val")
-    device = next(model.parameters()).device
-    model.eval()
-    results, sheet = [], []
-    for path in _image_files(paths):
-        image = Image.open(path).convert("RGB")
-        tensor, _ = transform(image, None)
-        images, mask, _ = collate_fn([(tensor, {})])
-        with torch.no_grad():
-            outputs = model(images.to(device), mask.to(device))
-        size = torch.tensor([[image.height, image.width]], device=device)
-        det = {k: v.cpu() for k, v in postprocess(outputs, size)[0].items()}
-        keep = det["scores"] >= threshold
-        for box, score, label in zip(det["boxes"][keep].tolist(), det["scores"][keep].tolist(),
-                                     det["labels"][keep].tolist()):
-            x0, y0, x1, y1 = box
-            category = category_ids[label] if category_ids else label
-            results.append({"file_name": path.name, "category_id": int(category),
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
-        drawn = (image, det["boxes"][keep], det["labels"][keep], det["scores"][keep])
-        fig = draw_detections(*drawn, class_names, title=path.name)
-        fig.savefig(out_dir / f"{path.stem}_detections.png", dpi=120)
-        plt.close(fig)
-        if len(sheet) < SHEET_SIZE:
-            sheet.append((path.name, drawn))
-    if len(sheet) > 1:  # all of them on one page
-        columns = min(3, len(sheet))
-        rows = -(-len(sheet) // columns)
-        fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows),
-                                 squeeze=False)
-        for ax, (name, drawn) in zip(axes.flat, sheet):
-            draw_detections(*drawn, class_names, ax=ax, title=name)
-        for ax in axes.flat[len(sheet):]:
-            ax.set_axis_off()
-        fig.savefig(out_dir / "detections.png", dpi=120)
-        plt.close(fig)
-    out = out_dir / "predictions.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    return out

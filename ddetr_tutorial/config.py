@@ -1,22 +1,35 @@
 """Configuration: the paper's defaults, named presets, and `build_model`.
 
-Only `build_*` functions read a config; modules take keyword arguments.
+Only `build_*` functions read a config; modules take keyword arguments. A
+`Config` checks itself when it is built (`check_config`): every field's type,
+its allowed values, and the rules between fields, so a bad value stops a run
+before any data is read, with one line naming the field, the value and what
+was expected.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
-from .backbone import build_backbone
+from .backbone import RESNETS, build_backbone
+from .data import make_transforms, scale_for
+from .data.transforms import PAPER_MAX_SIZE, PAPER_SCALES
 from .losses import SetCriterion, weight_dict
 from .matcher import HungarianMatcher
 from .model import DETR, DeformableDETR, PostProcess
+from .ops import BACKEND_CHOICES
 from .transformer import DeformableTransformer
 
 
 @dataclass(frozen=True)
 class Config:
+    """Every setting of a run, with the paper's defaults. Frozen; `replace` gives a
+    changed copy. Building one checks it (`check_config`): a wrong type raises
+    TypeError, a value out of range or a rule between fields broken ValueError."""
+
     # --- model (paper Sec. 5 "Implementation details")
     model: str = "deformable"        # "deformable", or "detr" for the dense DETR baseline
     backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50 / resnet101
@@ -67,6 +80,9 @@ class Config:
     image_size: int | None = None
     augment: str = "paper"           # "paper", or "flip": flips only, at image_size (no multi-scale)
 
+    def __post_init__(self):
+        check_config(self)
+
     def replace(self, **changes) -> "Config":
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
@@ -77,11 +93,129 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# --- what each field accepts (the types come from the annotations above)
+
+CHOICES = {
+    "model": ("deformable", "detr"),
+    "backbone": tuple(RESNETS),
+    "backbone_norm": ("frozen", "batch"),
+    "op_backend": tuple(BACKEND_CHOICES),
+    "augment": ("paper", "flip"),
+}
+# (lowest, highest, whether the lowest itself is allowed); the highest never is; None: no bound
+RANGES = {
+    "backbone_width": (8, None, True),  # the ResNet's stem channels
+    "num_feature_levels": (1, None, True),
+    "hidden_dim": (32, None, True),
+    "nheads": (1, None, True),
+    "enc_layers": (0, None, True),  # 0: no encoder (the backbone features go to the decoder)
+    "dec_layers": (1, None, True),
+    "dim_feedforward": (1, None, True),
+    "dropout": (0.0, 1.0, True),  # a probability; 1 would zero every activation
+    "enc_n_points": (1, None, True),
+    "dec_n_points": (1, None, True),
+    "num_queries": (1, None, True),
+    "num_classes": (1, None, True),
+    "set_cost_class": (0.0, None, True),
+    "set_cost_bbox": (0.0, None, True),
+    "set_cost_giou": (0.0, None, True),
+    "cls_loss_coef": (0.0, None, True),
+    "bbox_loss_coef": (0.0, None, True),
+    "giou_loss_coef": (0.0, None, True),
+    "focal_alpha": (0.0, 1.0, True),
+    "num_select": (1, None, True),
+    "lr": (0.0, None, False),
+    "lr_backbone": (0.0, None, True),
+    "lr_linear_proj_mult": (0.0, None, True),
+    "weight_decay": (0.0, None, True),
+    "batch_size": (1, None, True),
+    "epochs": (1, None, True),
+    "lr_drop": (1, None, True),  # StepLR's step_size; beyond `epochs` means no drop
+    "clip_max_norm": (0.0, None, True),  # 0: no clipping
+    "warmup_steps": (0, None, True),
+    "image_size": (8, None, True),  # None: the paper's sizes
+}
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def check_config(cfg: Config) -> None:
+    """Raise TypeError / ValueError, naming the field, the value and what is
+    expected, unless every field of `cfg` has its annotated type and an allowed
+    value and the fields agree with each other. Ints in float fields become floats."""
+    for field in dataclasses.fields(cfg):
+        value = _checked_type(field, getattr(cfg, field.name))
+        object.__setattr__(cfg, field.name, value)  # frozen: the one write, at construction
+        _check_value(field.name, value)
+    _check_together(cfg)
+
+
+def _checked_type(field: dataclasses.Field, value):
+    """`value` as the annotated type of `field` ("int", "float", "str | None", ...)."""
+    annotation = field.type if isinstance(field.type, str) else field.type.__name__
+    name, _, optional = annotation.partition(" | ")
+    if value is None and optional == "None":
+        return None
+    kind = _TYPES[name]
+    # bool is an int subclass, but True is no count; an int is a fine float.
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        wanted = numbers.Integral if kind is int else numbers.Real
+        ok = isinstance(value, wanted) and not isinstance(value, bool)
+    if not ok:
+        expected = {"bool": "true or false", "int": "an integer", "float": "a number",
+                    "str": "a string"}[name] + (" or None" if optional else "")
+        raise TypeError(f"config field {field.name}={value!r} ({type(value).__name__}): "
+                        f"expected {expected}")
+    return kind(value)
+
+
+def _check_value(name: str, value) -> None:
+    if value is None:
+        return
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ValueError(f"config field {name}={value!r}: expected one of "
+                         f"{', '.join(map(repr, CHOICES[name]))}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"config field {name}={value!r}: expected a finite number")
+    if name not in RANGES:
+        return
+    low, high, low_allowed = RANGES[name]
+    if (value < low if low_allowed else value <= low) or (high is not None and value >= high):
+        kind = "an integer" if isinstance(value, int) else "a number"
+        bounds = (f">= {low}" if low_allowed else f"> {low}") + (f" and < {high}" if high else "")
+        raise ValueError(f"config field {name}={value!r}: expected {kind} {bounds}")
+
+
+def _check_together(cfg: Config) -> None:
+    """The rules between fields; each message names the field to change."""
+    if cfg.hidden_dim % 32:
+        raise ValueError(f"config field hidden_dim={cfg.hidden_dim}: expected a multiple of 32 "
+                         f"(GroupNorm(32) in the input projections)")
+    if cfg.hidden_dim % cfg.nheads:
+        raise ValueError(f"config field nheads={cfg.nheads}: expected a divisor of "
+                         f"hidden_dim={cfg.hidden_dim} (each of the M heads gets D = C / M "
+                         f"channels)")
+    if cfg.two_stage and not cfg.with_box_refine:
+        raise ValueError("config field two_stage=True needs with_box_refine=True, got "
+                         "with_box_refine=False (the two-stage proposals are refined by "
+                         "per-layer box heads)")
+    if cfg.model == "detr" and (cfg.with_box_refine or cfg.two_stage):
+        raise ValueError(f"config field model='detr': expected with_box_refine=False and "
+                         f"two_stage=False (the DETR baseline has neither), got "
+                         f"with_box_refine={cfg.with_box_refine}, two_stage={cfg.two_stage}")
+    if not (cfg.set_cost_class or cfg.set_cost_bbox or cfg.set_cost_giou):
+        raise ValueError("config fields set_cost_class, set_cost_bbox, set_cost_giou are all 0: "
+                         "expected at least one > 0 (else every matching costs the same)")
+
+
 def tiny() -> Config:
     """Small enough to train on a 2-core CPU in half an hour: a quarter-width ResNet-18
     (no ImageNet weights here, so it all trains, with BatchNorm), C=64, 2+2 layers,
     30 queries, box refinement and two-stage, 96-px images with flips only. The shipped
-    data/tiny_shapes.pth is `train --config tiny --data data/shapes10k`: 9 epochs of
+    the shipped tiny_shapes checkpoint is `train --config tiny --data data/shapes10k`: 9 epochs of
     10,000 shapes images (90,000 samples; with 2,000 images it overfits). Post-processing
     keeps the official top 100 of the 30 x 4 (query, class) scores."""
     return Config(backbone="resnet18", backbone_width=32, hidden_dim=64, nheads=4,
@@ -112,27 +246,17 @@ def get_config(name: str = "paper", **overrides) -> Config:
 
 def build_transforms(cfg: Config, split: str):
     """The augmentation of `split` ('train' or 'val') for `cfg`."""
-    from .data import make_transforms, scale_for
-    from .data.transforms import PAPER_MAX_SIZE, PAPER_SCALES
-
     if cfg.augment == "flip":  # no multi-scale, no crops: train at the size it is tested at
         size = cfg.image_size or max(PAPER_SCALES)
         return make_transforms(split, scales=[size], crop=None,
                                max_size=round(size * PAPER_MAX_SIZE / max(PAPER_SCALES)))
-    if cfg.augment != "paper":
-        raise ValueError(f"augment must be 'paper' or 'flip', got {cfg.augment!r}")
     scale = (scale_for(cfg.image_size) if cfg.image_size
              else {"scales": PAPER_SCALES, "max_size": PAPER_MAX_SIZE})
     return make_transforms(split, **scale)
 
 
 def build_model(cfg: Config):
-    """-> (model, criterion, postprocessor) for `cfg`."""
-    if cfg.model not in ("deformable", "detr"):
-        raise ValueError(f"cfg.model must be 'deformable' or 'detr', got {cfg.model!r}")
-    if cfg.hidden_dim % 32 != 0:
-        raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32) in the input "
-                         f"projections), got {cfg.hidden_dim}")
+    """-> (model, criterion, postprocessor) for `cfg` (a `Config`, checked when built)."""
     detr = cfg.model == "detr"
     backbone = build_backbone(name=cfg.backbone, hidden_dim=cfg.hidden_dim,
                               train_backbone=cfg.train_backbone,

@@ -1,32 +1,29 @@
-"""Training and evaluation: optimizer groups, the train loop, COCO evaluation,
-seeding and exact resumption.
+"""Training and evaluation: optimizer groups, the train step, the evaluation loop,
+logs and `fit`, the driver that ties them together.
 
-Randomness is organised so that a run can stop anywhere and resume exactly:
-the sample order of each epoch is a function of (seed, epoch), each sample's
-augmentation draws from its own generator seeded by (seed, epoch, index), and
-the global RNGs (dropout) are saved in checkpoints.
+COCO scoring lives in `coco_eval`, the resumable data order and RNG state in
+`reproducibility`, checkpoint files in `checkpoints`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
+from .checkpoints import CheckpointManager, load_training_state, training_state
+from .coco_eval import coco_eval, coco_results
+from .config import build_model
+from .data import collate_fn as default_collate
 from .losses import total_loss
-
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
-           "ARl")
+from .reproducibility import make_loader, rng_state, seed_everything, set_epoch, set_rng_state
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -63,134 +60,6 @@ def build_optimizer(model, cfg):
                                   fused=fused or None)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_drop)
     return optimizer, scheduler
-
-
-# ----------------------------------------------------------------------------- randomness
-
-def seed_everything(seed: int, gpus: bool = True) -> None:
-    """Seed python, numpy and torch. gpus=False seeds torch's CPU generator only:
-    torch.manual_seed also queues a seed for every GPU backend, with a formatted
-    stack trace each time (~1/8 of a data sample's load time)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    if gpus:
-        torch.manual_seed(seed)
-    else:
-        torch.default_generator.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """The global RNG states as plain types and tensors (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                       "cached_gaussian": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def isolated_rng(seed: int):
-    """Run a block on python/numpy/torch RNGs seeded with `seed`, restoring the
-    caller's RNG states afterwards."""
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    seed_everything(seed, gpus=False)  # the restore below covers the CPU generator alone
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
-
-
-class SeededDataset(Dataset):
-    """Gives each sample's augmentation its own RNG stream, a function of
-    (seed, epoch, index): the result does not depend on worker count, order
-    or where a run was resumed."""
-
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        sample_seed = (self.seed * 1_000_003 + self.epoch) * 1_000_003 + index
-        with isolated_rng(sample_seed % 2**63):
-            return self.dataset[index]
-
-
-class EpochSampler(Sampler):
-    """Indices of one epoch: a permutation from (seed, epoch) when shuffling,
-    this rank's share of it (every world_size-th, padded to equal length as
-    DistributedSampler does), starting after `skip` samples (mid-epoch resume)."""
-
-    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
-        self.size, self.shuffle, self.seed = size, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def _indices(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.size, generator=g).tolist()
-        else:
-            order = list(range(self.size))
-        per_rank = math.ceil(self.size / self.world_size) if self.size else 0
-        order += order[:per_rank * self.world_size - len(order)]
-        return order[self.rank::self.world_size]
-
-    def __iter__(self):
-        return iter(self._indices()[self.skip:])
-
-    def __len__(self):
-        return max(len(self._indices()) - self.skip, 0)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Workers still get distinct global seeds (for code that ignores SeededDataset).
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def make_loader(dataset, batch_size: int, shuffle: bool, collate_fn, seed: int = 0,
-                num_workers: int = 0, rank: int = 0, world_size: int = 1, drop_last=None):
-    """A DataLoader over SeededDataset(dataset) with an EpochSampler; call
-    `set_epoch(loader, epoch, skip_batches)` before each epoch."""
-    sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size)
-    # Its own generator: creating an iterator then draws the workers' base seed
-    # from it, not from the global RNG, whose sequence a resumed run must replay.
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
-                      collate_fn=collate_fn, num_workers=num_workers,
-                      drop_last=shuffle if drop_last is None else drop_last,
-                      worker_init_fn=_seed_worker, generator=generator)
-
-
-def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
-    loader.dataset.set_epoch(epoch)
-    loader.sampler.set_epoch(epoch, skip_batches * loader.batch_size)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -266,47 +135,9 @@ def average(rows: list[dict[str, float]]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- evaluation
 
-def coco_results(detections, image_ids, category_ids) -> list[dict]:
-    """Post-processed detections -> COCO result dicts (bbox as xywh pixels)."""
-    results = []
-    for det, image_id in zip(detections, image_ids):
-        boxes = det["boxes"].tolist()
-        for (x0, y0, x1, y1), score, label in zip(boxes, det["scores"].tolist(),
-                                                   det["labels"].tolist()):
-            results.append({"image_id": int(image_id), "category_id": int(category_ids[label]),
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
-    return results
-
-
-def coco_eval(coco_gt, results: list[dict], image_ids=None) -> tuple[dict, str]:
-    """pycocotools COCOeval (bbox) of `results` against `coco_gt`.
-
-    Returns the 12 standard numbers by name (AP, AP50, AP75, APs, APm, APl,
-    AR1, AR10, AR100, ARs, ARm, ARl; -1 where a size has no objects) and the
-    printed table. No detections at all scores 0 everywhere.
-    """
-    from pycocotools.cocoeval import COCOeval
-
-    if not results:
-        return {k: 0.0 for k in METRICS}, "no detections: every metric is 0\n"
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
-    evaluator = COCOeval(coco_gt, coco_dt, "bbox")
-    if image_ids is not None:
-        evaluator.params.imgIds = sorted(int(i) for i in image_ids)
-    table = io.StringIO()
-    with contextlib.redirect_stdout(table):
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return dict(zip(METRICS, (float(x) for x in evaluator.stats))), table.getvalue()
-
-
 @torch.no_grad()
 def predict(model, postprocess, loader, device, progress=False):
     """Run the model over a loader: yields (image_ids, detections in original pixels)."""
-    from tqdm.auto import tqdm
-
     model.eval()
     for images, mask, targets in tqdm(loader, desc="predict", disable=not progress,
                                       leave=False):
@@ -342,15 +173,13 @@ def append_log(path: Path, row: dict) -> None:
 
 def plot_log(log_path: Path, png_path: Path) -> None:
     """Training curves from the JSONL log: loss per epoch, and AP if evaluated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line]
     if not rows:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    # A bare Figure draws with the Agg canvas and leaves pyplot's backend and its
+    # list of open figures (a notebook's) untouched.
+    fig = Figure(figsize=(9, 3.2))
+    axes = fig.subplots(1, 2)
     curves = [("training loss", ("train_loss", "train_loss_ce", "train_loss_bbox",
                                  "train_loss_giou"), ""),
               ("COCO val", ("AP", "AP50", "APs"), "o")]
@@ -365,7 +194,6 @@ def plot_log(log_path: Path, png_path: Path) -> None:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
 
 
 class Timer:
@@ -387,12 +215,6 @@ def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, n
     0 writes. `resume` continues exactly from a checkpoint (also mid-epoch).
     `amp`: None, "bf16" or "fp16" (CUDA only). Returns the last evaluation's metrics.
     """
-    from tqdm.auto import tqdm
-
-    from .checkpoints import CheckpointManager, load_training_state, training_state
-    from .config import build_model
-    from .data import collate_fn as default_collate
-
     collate_fn = collate_fn or default_collate
     rank, world_size, local_rank = init_distributed()
     device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))

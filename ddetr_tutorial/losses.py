@@ -169,7 +169,8 @@ def _class_error(matched_logits: Tensor, labels: Tensor) -> Tensor:
 def weight_dict(cls: float = 2.0, bbox: float = 5.0, giou: float = 2.0, num_decoder_layers: int = 6,
                 aux_loss: bool = True, two_stage: bool = False) -> dict[str, float]:
     """The official loss weights: loss_ce, loss_bbox, loss_giou, plus copies with suffix
-    `_0`..`_{L-2}` (aux_loss, one per earlier decoder layer) and `_enc` (two_stage)."""
+    `_0`..`_{num_decoder_layers - 2}` (aux_loss, one per earlier decoder layer) and
+    `_enc` (two_stage)."""
     base = {"loss_ce": cls, "loss_bbox": bbox, "loss_giou": giou}
     weights = dict(base)
     if aux_loss:

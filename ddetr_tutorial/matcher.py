@@ -42,18 +42,18 @@ def check_targets(targets: list[dict], batch_size: int, num_classes: int) -> Non
 
 def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25,
                      gamma: float = 2.0, eps: float = 1e-8) -> Tensor:
-    """Classification cost (B, T) of giving each of B predictions each of T labels.
+    """Classification cost (P, T) of giving each of P predictions each of T labels.
 
-    logits: (B, num_classes) raw; labels: (T,) int. It is the change in the
+    logits: (P, num_classes) raw; labels: (T,) int. It is the change in the
     sigmoid focal loss when a query stops being a negative for `label` and
     becomes its positive: pos[label] - neg[label]. The negative terms of all
     other (query, class) pairs are paid whatever the assignment, so that
     constant is left out: it cannot change which assignment is cheapest.
     """
     prob = logits.sigmoid()
-    neg = (1 - alpha) * prob ** gamma * -(1 - prob + eps).log()  # (B, num_classes)
+    neg = (1 - alpha) * prob ** gamma * -(1 - prob + eps).log()  # (P, num_classes)
     pos = alpha * (1 - prob) ** gamma * -(prob + eps).log()
-    # Batched too: logits (..., B, num_classes) and labels (..., T) -> (..., B, T).
+    # Batched too: logits (..., P, num_classes) and labels (..., T) -> (..., P, T).
     index = labels.unsqueeze(-2).expand(*pos.shape[:-1], labels.shape[-1])
     return (pos - neg).gather(-1, index)
 
@@ -116,8 +116,9 @@ class HungarianMatcher(nn.Module):
 
     def _weighted_cost(self, logits: Tensor, boxes: Tensor, labels: Tensor,
                        target_cxcywh: Tensor, num_queries: int, sizes: list[int]) -> Tensor:
-        """logits (M, R, num_classes), boxes (M, R, 4), labels (M, T), target_cxcywh (M, T, 4)
-        -> cost (M, R, T). Either M = N images of Q = R queries each, or M = 1 and R = N*Q."""
+        """logits (G, P, num_classes), boxes (G, P, 4), labels (G, T), target_cxcywh (G, T, 4)
+        -> cost (G, P, T), for G groups of P predictions against T targets: either
+        G = N images of P = Q queries each, or one group (G = 1) of P = N*Q."""
         # The callers pass float32: fp16 overflows in the logs, bf16 cannot go to
         # numpy, and scipy then fails with "matrix contains invalid numeric entries".
         cost_class = focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma)

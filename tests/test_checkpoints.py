@@ -9,19 +9,19 @@ import argparse
 import math
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from ddetr_tutorial.checkpoints import (
+from ddetr_tutorial import weights
+from ddetr_tutorial.config import build_model, get_config
+from ddetr_tutorial.weights import (
     hf_to_official,
     load_hf_checkpoint,
     load_official_checkpoint,
     official_to_hf,
 )
-from ddetr_tutorial.config import build_model, get_config
 from official import PRESET_KEYS, official_keys
 
 KEY_FILES = PRESET_KEYS
@@ -384,8 +384,8 @@ def test_hf_safetensors_file(tmp_path):
 
 
 def test_safetensors_without_the_package_says_so(tiny, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "safetensors", None)
-    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    # What `weights` holds when its import of safetensors failed.
+    monkeypatch.setattr(weights, "_load_safetensors", None)
     with pytest.raises(ImportError, match=r"needs the `safetensors` package"):
         load_hf_checkpoint(tiny, tmp_path / "model.safetensors")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ddetr_tutorial import checkpoints, cli, engine
+from ddetr_tutorial.coco_eval import coco_eval
 from ddetr_tutorial.config import build_model, get_config
 from ddetr_tutorial.data import CocoDetection, make_shapes
 
@@ -41,17 +42,17 @@ def test_ground_truth_as_predictions_scores_ap_1(shapes):
     val = CocoDetection(shapes / "val", shapes / "annotations" / "instances_val.json")
     results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
                 "score": 1.0} for a in val.coco.dataset["annotations"]]
-    metrics, table = engine.coco_eval(val.coco, results)
+    metrics, table = coco_eval(val.coco, results)
     assert metrics["AP"] == pytest.approx(1.0)
     assert metrics["AP50"] == pytest.approx(1.0)
     assert "Average Precision" in table
     shifted = [dict(r, bbox=[r["bbox"][0] + r["bbox"][2], *r["bbox"][1:]]) for r in results]
-    assert engine.coco_eval(val.coco, shifted)[0]["AP"] < 0.1  # boxes moved by their width
+    assert coco_eval(val.coco, shifted)[0]["AP"] < 0.1  # boxes moved by their width
 
 
 def test_no_predictions_score_zero(shapes):
     val = CocoDetection(shapes / "val", shapes / "annotations" / "instances_val.json")
-    metrics, table = engine.coco_eval(val.coco, [])
+    metrics, table = coco_eval(val.coco, [])
     assert all(v == 0.0 for v in metrics.values()) and "no detections" in table
 
 

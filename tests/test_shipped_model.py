@@ -6,8 +6,9 @@ import torch
 
 from ddetr_tutorial.config import build_transforms
 from ddetr_tutorial.data import CocoDetection, collate_fn, make_shapes
-from ddetr_tutorial.engine import evaluate, make_loader
+from ddetr_tutorial.engine import evaluate
 from ddetr_tutorial.notebook import load_shipped_model
+from ddetr_tutorial.reproducibility import make_loader
 
 # ddetr_tutorial/shipped/tiny_shapes.md, shapes-val at 96 px
 CARD = {"AP": 0.681, "AP50": 0.903, "AP75": 0.789, "APs": 0.583, "APm": 0.747, "APl": 0.845}
