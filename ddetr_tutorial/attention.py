@@ -45,7 +45,8 @@ class MSDeformAttn(nn.Module):
         if d_model % n_heads != 0:
             raise ValueError(f"d_model must be divisible by n_heads, got d_model={d_model} "
                              f"and n_heads={n_heads}")
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.d_model, self.n_levels = d_model, n_levels
+        self.n_heads, self.n_points = n_heads, n_points
         self.backend = backend
         self.sample = DeformableSampling()  # no parameters: a hook point, no state_dict key
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)

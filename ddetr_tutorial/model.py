@@ -79,7 +79,8 @@ class DeformableDETR(nn.Module):
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, 2 * C)  # (position, content) halves
         self.input_proj = _input_projections(backbone, C, n_levels)
-        self.class_embed, self.bbox_embed = self._heads(C, num_classes, transformer.decoder.num_layers)
+        self.class_embed, self.bbox_embed = self._heads(C, num_classes,
+                                                        transformer.decoder.num_layers)
 
     def _heads(self, C, num_classes, num_layers):
         """Class and box heads, one per decoder layer (+1 for two-stage proposals):

@@ -228,7 +228,8 @@ class DeformableDecoder(nn.Module):
         if reference_points.shape[-1] == 4:
             new = delta + inverse_sigmoid(reference_points)
         else:
-            new = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
+            centres = delta[..., :2] + inverse_sigmoid(reference_points)
+            new = torch.cat([centres, delta[..., 2:]], -1)
         return new.sigmoid().detach()
 
 
@@ -295,12 +296,14 @@ class DeformableTransformer(nn.Module):
             shapes.append((H, W))
         return shapes
 
-    def flatten(self, srcs, masks, pos_embeds, shapes):
+    def flatten(self, srcs, masks, pos_embeds, shapes=None):
         """Per-level maps -> one token sequence (paper: the multi-scale feature maps
-        {x_l}). shapes: their (H_l, W_l) as host ints. Returns src (N, S, C), mask
-        (N, S), pos (N, S, C) with the level embedding added, spatial_shapes (L, 2),
-        level_start_index (L,); the last two built from the host ints, so the op
-        validates them without reading them back from the device."""
+        {x_l}). shapes: their (H_l, W_l) as host ints (default: read from srcs).
+        Returns src (N, S, C), mask (N, S), pos (N, S, C) with the level embedding
+        added, spatial_shapes (L, 2), level_start_index (L,); the last two built from
+        the host ints, so the op validates them without reading them back."""
+        if shapes is None:
+            shapes = [tuple(src.shape[-2:]) for src in srcs]
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         mask = torch.cat([m.flatten(1) for m in masks], 1)
         pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
@@ -396,5 +399,5 @@ class DeformableTransformer(nn.Module):
         embedding 2C wide for other widths too."""
         dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
         dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-        pos = proposals.sigmoid()[..., None] * (2 * math.pi) / dim_t  # (N, Q, 4, F)
+        pos = proposals.sigmoid()[..., None] * (2 * math.pi) / dim_t  # (N, Q, 4, num_pos_feats)
         return torch.stack([pos[..., 0::2].sin(), pos[..., 1::2].cos()], dim=4).flatten(2)

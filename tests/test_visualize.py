@@ -241,7 +241,8 @@ def test_per_level_figure_has_a_panel_per_level_and_K_points_per_head(data, kind
         assert len(colours) == M
         cross = [line for line in ax.get_lines() if line.get_gid() == "reference"]
         np.testing.assert_allclose(np.ravel(cross[0].get_xydata()), points["reference"])
-        boxes = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_linestyle() in ("-", "solid")]
+        boxes = [p for p in ax.patches
+                 if isinstance(p, Rectangle) and p.get_linestyle() in ("-", "solid")]
         if kind == "decoder":
             x0, y0, x1, y1 = points["box"]
             assert any(np.allclose([b.get_x(), b.get_y(), b.get_width(), b.get_height()],

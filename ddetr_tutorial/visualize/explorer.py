@@ -13,8 +13,7 @@ from matplotlib.figure import Figure
 
 from .figures import (_box, _class_name, _draw_query, _new_figure, _query_title,
                       _resolve_query, _show_image, head_colours)
-from .queries import (KINDS, _check_index, _check_kind, _layer, boxes_to_pixels,
-                      encoder_query, query_points)
+from .queries import KINDS, _check_index, _check_kind, _layer, boxes_to_pixels, query_points
 from .sampling import sampling_data
 
 try:  # the [notebooks] extra; everything but SamplingExplorer works without it
@@ -230,7 +229,8 @@ class SamplingExplorer:
                                      options=[("all", None)] + [(str(m), m) for m in range(M)]),
             "level": widgets.Dropdown(description="level", layout=layout,
                                       options=[("all", None)] + [(str(lv), lv) for lv in range(L)]),
-            "query": widgets.Dropdown(description="detection", layout=widgets.Layout(width="320px")),
+            "query": widgets.Dropdown(description="detection",
+                                      layout=widgets.Layout(width="320px")),
             "x": widgets.IntSlider(description="pixel x", min=0, max=w - 1, layout=layout),
             "y": widgets.IntSlider(description="pixel y", min=0, max=h - 1, layout=layout),
             "query_level": widgets.Dropdown(description="query level", layout=layout,
