@@ -17,6 +17,21 @@ from torch import nn
 from .ops import ms_deform_attn
 
 
+class DeformableSampling(nn.Module):
+    """The op call of `MSDeformAttn` as a parameter-free submodule.
+
+    It adds no state_dict key; its forward hook sees what the attention sampled:
+    args (value (N, S, M, D), spatial_shapes (L, 2), level_start_index (L,),
+    sampling_locations (N, Lq, M, L, K, 2), attention_weights (N, Lq, M, L, K)),
+    output (N, Lq, M*D). `ddetr_tutorial.recording` hooks it.
+    """
+
+    def forward(self, value, spatial_shapes, level_start_index, sampling_locations,
+                attention_weights, backend: str = "auto"):
+        return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights, backend=backend)
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention with the official parameter names and init.
 
@@ -30,8 +45,10 @@ class MSDeformAttn(nn.Module):
         if d_model % n_heads != 0:
             raise ValueError(f"d_model must be divisible by n_heads, got d_model={d_model} "
                              f"and n_heads={n_heads}")
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.d_model, self.n_levels = d_model, n_levels
+        self.n_heads, self.n_points = n_heads, n_points
         self.backend = backend
+        self.sample = DeformableSampling()  # no parameters: a hook point, no state_dict key
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -61,13 +78,12 @@ class MSDeformAttn(nn.Module):
             nn.init.zeros_(proj.bias)
 
     def forward(self, query, reference_points, input_flatten, spatial_shapes,
-                level_start_index, padding_mask=None, return_sampling: bool = False,
-                query_level=None):
+                level_start_index, padding_mask=None, query_level=None):
         """query: (N, Lq, C); reference_points: (N, Lq, L, 2) points (x, y) or
         (N, Lq, L, 4) boxes (cx, cy, w, h), normalized; input_flatten: (N, S, C);
         spatial_shapes: (L, 2); level_start_index: (L,); padding_mask: (N, S),
-        True on padding. Returns (N, Lq, C), and with `return_sampling` also the
-        sampling locations (N, Lq, M, L, K, 2) and attention weights (N, Lq, M, L, K).
+        True on padding. Returns (N, Lq, C). (`ddetr_tutorial.recording` records the
+        sampling locations and attention weights through the `sample` submodule.)
 
         query_level: optional (Lq,) int64, the level each query lives on. Given, a
         query samples only its own level (softmax over its K points there): the
@@ -93,10 +109,9 @@ class MSDeformAttn(nn.Module):
         weights = F.softmax(logits.view(N, Lq, M, L * K), -1).view(N, Lq, M, L, K)
 
         locations = self.sampling_locations(reference_points, offsets, spatial_shapes)
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
-                             backend=self.backend)
-        out = self.output_proj(out)
-        return (out, locations, weights) if return_sampling else out
+        out = self.sample(value, spatial_shapes, level_start_index, locations, weights,
+                          backend=self.backend)
+        return self.output_proj(out)
 
     @staticmethod
     def _own_level(query_level, Lq, L, device):

@@ -265,19 +265,20 @@ def build_model(cfg: Config):
                               norm=cfg.backbone_norm, train_stem=cfg.train_backbone_stem,
                               width=cfg.backbone_width)
     if detr:
-        model = DETR(backbone, cfg.num_classes, cfg.num_queries, cfg.hidden_dim, cfg.nheads,
-                     cfg.enc_layers, cfg.dec_layers, cfg.dim_feedforward, cfg.dropout,
-                     cfg.aux_loss)
+        model = DETR(backbone, cfg.num_classes, cfg.num_queries, d_model=cfg.hidden_dim,
+                     n_heads=cfg.nheads, num_encoder_layers=cfg.enc_layers,
+                     num_decoder_layers=cfg.dec_layers, d_ffn=cfg.dim_feedforward,
+                     dropout=cfg.dropout, aux_loss=cfg.aux_loss)
     else:
         transformer = DeformableTransformer(
-            d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
-            num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward,
-            dropout=cfg.dropout, num_feature_levels=cfg.num_feature_levels,
+            d_model=cfg.hidden_dim, n_heads=cfg.nheads, num_encoder_layers=cfg.enc_layers,
+            num_decoder_layers=cfg.dec_layers, d_ffn=cfg.dim_feedforward,
+            dropout=cfg.dropout, n_levels=cfg.num_feature_levels,
             dec_n_points=cfg.dec_n_points, enc_n_points=cfg.enc_n_points,
             two_stage=cfg.two_stage, two_stage_num_proposals=cfg.num_queries,
             backend=cfg.op_backend, cross_level=cfg.cross_level_attention)
         model = DeformableDETR(backbone, transformer, cfg.num_classes, cfg.num_queries,
-                               cfg.num_feature_levels, aux_loss=cfg.aux_loss,
+                               n_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
                                with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage)
     matcher = HungarianMatcher(cost_class=cfg.set_cost_class, cost_bbox=cfg.set_cost_bbox,
                                cost_giou=cfg.set_cost_giou, focal_alpha=cfg.focal_alpha)

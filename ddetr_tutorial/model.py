@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy
+from .outputs import DetectionOutput
 from .transformer import DeformableTransformer, inverse_sigmoid
 
 
@@ -32,18 +33,18 @@ class MLP(nn.Module):
         return x
 
 
-def _input_projections(backbone, hidden_dim, num_feature_levels):
+def _input_projections(backbone, d_model, n_levels):
     """1x1 conv + GroupNorm per backbone level, then 3x3 stride-2 convs for the
     extra, coarser levels (C5 -> stride 64 in the paper's 4-level setting)."""
-    levels = min(len(backbone.num_channels), num_feature_levels)  # the last, coarsest ones
-    projections = [nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim))
+    levels = min(len(backbone.num_channels), n_levels)  # the last, coarsest ones
+    projections = [nn.Sequential(nn.Conv2d(c, d_model, kernel_size=1), nn.GroupNorm(32, d_model))
                    for c in backbone.num_channels[-levels:]]
     in_channels = backbone.num_channels[-1]
-    for _ in range(num_feature_levels - len(projections)):
+    for _ in range(n_levels - len(projections)):
         projections.append(nn.Sequential(
-            nn.Conv2d(in_channels, hidden_dim, kernel_size=3, stride=2, padding=1),
-            nn.GroupNorm(32, hidden_dim)))
-        in_channels = hidden_dim
+            nn.Conv2d(in_channels, d_model, kernel_size=3, stride=2, padding=1),
+            nn.GroupNorm(32, d_model)))
+        in_channels = d_model
     for proj in projections:
         nn.init.xavier_uniform_(proj[0].weight, gain=1)
         nn.init.zeros_(proj[0].bias)
@@ -55,12 +56,13 @@ class DeformableDETR(nn.Module):
 
     backbone: a `Joiner` (backbone + position encoding) with `num_channels`;
     transformer: `DeformableTransformer`; num_classes: sigmoid classes (no
-    "no-object" logit); num_queries: object queries (Q); aux_loss: return
-    every decoder layer's predictions; with_box_refine, two_stage: Sec. 4.2.
+    "no-object" logit); num_queries: object queries (Q); n_levels: feature levels
+    (L); aux_loss: return every decoder layer's predictions; with_box_refine,
+    two_stage: Sec. 4.2.
     """
 
     def __init__(self, backbone, transformer: DeformableTransformer, num_classes: int,
-                 num_queries: int, num_feature_levels: int, aux_loss: bool = True,
+                 num_queries: int, n_levels: int, aux_loss: bool = True,
                  with_box_refine: bool = False, two_stage: bool = False):
         super().__init__()
         if two_stage and not with_box_refine:
@@ -69,15 +71,16 @@ class DeformableDETR(nn.Module):
         if two_stage != transformer.two_stage:
             raise ValueError(f"two_stage={two_stage} but the transformer was built with "
                              f"two_stage={transformer.two_stage}")
-        self.num_queries, self.num_feature_levels = num_queries, num_feature_levels
+        self.num_queries, self.n_levels = num_queries, n_levels
         self.aux_loss, self.with_box_refine, self.two_stage = aux_loss, with_box_refine, two_stage
         self.transformer = transformer
         self.backbone = backbone
         C = transformer.d_model
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, 2 * C)  # (position, content) halves
-        self.input_proj = _input_projections(backbone, C, num_feature_levels)
-        self.class_embed, self.bbox_embed = self._heads(C, num_classes, transformer.decoder.num_layers)
+        self.input_proj = _input_projections(backbone, C, n_levels)
+        self.class_embed, self.bbox_embed = self._heads(C, num_classes,
+                                                        transformer.decoder.num_layers)
 
     def _heads(self, C, num_classes, num_layers):
         """Class and box heads, one per decoder layer (+1 for two-stage proposals):
@@ -106,42 +109,32 @@ class DeformableDETR(nn.Module):
                 nn.init.zeros_(head.layers[-1].bias[2:])  # proposals carry the size
         return class_heads, box_heads
 
-    def forward(self, images, mask, return_sampling: bool = False):
+    def forward(self, images, mask) -> DetectionOutput:
         """images: (N, 3, H, W) normalized; mask: (N, H, W) bool, True on padding.
 
-        Returns a dict: pred_logits (N, Q, classes), pred_boxes (N, Q, 4) cxcywh
+        Returns a `DetectionOutput` (it answers `outputs["pred_logits"]` like the
+        official dict): pred_logits (N, Q, classes), pred_boxes (N, Q, 4) cxcywh
         in [0, 1] of each unpadded image, aux_outputs (earlier decoder layers)
-        and, for two-stage, enc_outputs (the encoder's proposals). With
-        `return_sampling`, also `sampling`: where each encoder and decoder layer's
-        deformable attention sampled and with what weights (see
-        `DeformableTransformer.forward`); each decoder layer's entry also holds
-        that layer's `boxes` (N, Q, 4) and `logits` (N, Q, classes). visualize.py
-        draws it.
+        and, for two-stage, enc_outputs (the encoder's proposals). Where the
+        attention sampled: `ddetr_tutorial.recording.record_sampling`.
         """
         features, masks, pos = self.backbone(images, mask)
         srcs, masks, pos = self.project(features, masks, pos, mask)
         query_embed = None if self.two_stage else self.query_embed.weight
-        hs, init_reference, references, enc_class, enc_coord_unact, *sampling = \
-            self.transformer(srcs, masks, pos, query_embed, return_sampling=return_sampling)
+        hs, init_reference, references, enc_class, enc_coord_unact = \
+            self.transformer(srcs, masks, pos, query_embed)
         logits, boxes = self.predict(hs, init_reference, references)
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
-                                  for a, b in zip(logits[:-1], boxes[:-1])]
+        enc_outputs = None
         if self.two_stage:
-            out["enc_outputs"] = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid()}
-        if return_sampling:
-            for entry, layer_logits, layer_boxes in zip(sampling[0]["decoder"], logits, boxes):
-                entry.update(logits=layer_logits, boxes=layer_boxes)
-            out["sampling"] = sampling[0]
-        return out
+            enc_outputs = DetectionOutput(enc_class, enc_coord_unact.sigmoid())
+        return _detection_output(logits, boxes, self.aux_loss, enc_outputs)
 
     def project(self, features, masks, pos, image_mask):
         """Backbone maps -> L maps of width C, adding the extra strided levels."""
-        levels = min(len(features), self.num_feature_levels)
+        levels = min(len(features), self.n_levels)
         srcs = [self.input_proj[lvl](feat) for lvl, feat in enumerate(features[-levels:])]
         masks, pos = list(masks[-levels:]), list(pos[-levels:])
-        for lvl in range(levels, self.num_feature_levels):
+        for lvl in range(levels, self.n_levels):
             src = self.input_proj[lvl](features[-1] if lvl == levels else srcs[-1])
             level_mask = F.interpolate(image_mask[None].float(), size=src.shape[-2:])[0].bool()
             srcs.append(src)
@@ -165,16 +158,23 @@ class DeformableDETR(nn.Module):
         return torch.stack(logits), torch.stack(boxes)
 
 
+def _detection_output(logits, boxes, aux_loss, enc_outputs=None) -> DetectionOutput:
+    """Per-layer predictions (layers, N, Q, ...) -> the final layer's, with the
+    earlier layers' as aux_outputs when `aux_loss`."""
+    aux = [DetectionOutput(a, b) for a, b in zip(logits[:-1], boxes[:-1])] if aux_loss else None
+    return DetectionOutput(logits[-1], boxes[-1], aux, enc_outputs)
+
+
 # ------------------------------------------------------------------------- DETR baseline
 
 class DETREncoderLayer(nn.Module):
     """Dense self-attention over all pixels of one map (O(S^2)), FFN, post-norm."""
 
-    def __init__(self, d_model, nhead, dim_feedforward, dropout):
+    def __init__(self, d_model, n_heads, d_ffn, dropout):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
@@ -188,12 +188,12 @@ class DETREncoderLayer(nn.Module):
 class DETRDecoderLayer(nn.Module):
     """Query self-attention, dense cross-attention to every pixel, FFN, post-norm."""
 
-    def __init__(self, d_model, nhead, dim_feedforward, dropout):
+    def __init__(self, d_model, n_heads, d_ffn, dropout):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
         self.dropout = nn.Dropout(dropout)
 
@@ -215,15 +215,15 @@ class DETR(nn.Module):
     two share one criterion and post-processor.
     """
 
-    def __init__(self, backbone, num_classes, num_queries=100, d_model=256, nhead=8,
-                 num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
+    def __init__(self, backbone, num_classes, num_queries=100, d_model=256, n_heads=8,
+                 num_encoder_layers=6, num_decoder_layers=6, d_ffn=2048,
                  dropout=0.1, aux_loss=True):
         super().__init__()
         self.backbone, self.aux_loss = backbone, aux_loss
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], d_model, kernel_size=1)
-        self.encoder = nn.ModuleList(DETREncoderLayer(d_model, nhead, dim_feedforward, dropout)
+        self.encoder = nn.ModuleList(DETREncoderLayer(d_model, n_heads, d_ffn, dropout)
                                      for _ in range(num_encoder_layers))
-        self.decoder = nn.ModuleList(DETRDecoderLayer(d_model, nhead, dim_feedforward, dropout)
+        self.decoder = nn.ModuleList(DETRDecoderLayer(d_model, n_heads, d_ffn, dropout)
                                      for _ in range(num_decoder_layers))
         self.decoder_norm = nn.LayerNorm(d_model)
         self.query_embed = nn.Embedding(num_queries, d_model)
@@ -234,7 +234,7 @@ class DETR(nn.Module):
                 nn.init.xavier_uniform_(p)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
 
-    def forward(self, images, mask):
+    def forward(self, images, mask) -> DetectionOutput:
         """Same inputs and outputs as `DeformableDETR.forward` (no enc_outputs)."""
         features, masks, pos = self.backbone(images, mask)
         src = self.input_proj(features[-1]).flatten(2).transpose(1, 2)  # (N, S, C)
@@ -250,11 +250,7 @@ class DETR(nn.Module):
             hs.append(self.decoder_norm(tgt))
         hs = torch.stack(hs)  # (layers, N, Q, C)
         logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
-                                  for a, b in zip(logits[:-1], boxes[:-1])]
-        return out
+        return _detection_output(logits, boxes, self.aux_loss)
 
 
 # ------------------------------------------------------------------------- post-processing

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .attention import MSDeformAttn
+from .ops import level_tensors
 
 
 def inverse_sigmoid(x, eps: float = 1e-5):
@@ -31,15 +33,36 @@ def _clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
-def _as_tuple(result) -> tuple:
-    """A module's result as a tuple: (out,) alone, or (out, *extras) as returned."""
-    return result if isinstance(result, tuple) else (result,)
+class DecoderOutput(NamedTuple):
+    """What the decoder returns, per layer: hs (layers, N, Q, C) and the reference
+    after each layer, references (layers, N, Q, 2|4)."""
+
+    hs: Tensor
+    references: Tensor
 
 
-def _sampling_entry(reference_points, locations, weights) -> dict:
-    """One layer's record: what its deformable attention received and computed."""
-    return {"reference_points": reference_points, "sampling_locations": locations,
-            "attention_weights": weights}
+class TransformerOutput(NamedTuple):
+    """What `DeformableTransformer.forward` returns (the official code's five items).
+
+    hs (layers, N, Q, C): every decoder layer's output; init_reference (N, Q, 2|4):
+    the decoder's first reference; references (layers, N, Q, 2|4): the reference
+    after each layer; enc_outputs_class (N, S, classes) and enc_outputs_coord_unact
+    (N, S, 4): the encoder's proposals, two-stage only (else None).
+    """
+
+    hs: Tensor
+    init_reference: Tensor
+    references: Tensor
+    enc_outputs_class: Tensor | None
+    enc_outputs_coord_unact: Tensor | None
+
+
+def host_shapes(spatial_shapes) -> list[tuple[int, int]]:
+    """(H_l, W_l) rows as host ints: a list is taken as is, a tensor is read back
+    (one device sync; the transformer passes its host list down to avoid it)."""
+    if isinstance(spatial_shapes, Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
 def valid_ratios(mask):
@@ -66,18 +89,15 @@ class DeformableEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index,
-                padding_mask=None, return_sampling: bool = False, query_level=None):
-        """src, pos: (N, S, C); reference_points: (N, S, L, 2). Returns (N, S, C), and
-        with `return_sampling` also the attention's sampling locations
-        (N, S, M, L, K, 2) and weights (N, S, M, L, K). query_level (S,): see
-        `MSDeformAttn.forward` (per-level attention, the Table 2 ablation)."""
-        attended, *sampling = _as_tuple(self.self_attn(
-            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
-            return_sampling=return_sampling, query_level=query_level))
+                padding_mask=None, query_level=None):
+        """src, pos: (N, S, C); reference_points: (N, S, L, 2). Returns (N, S, C).
+        query_level (S,): see `MSDeformAttn.forward` (per-level attention, the
+        Table 2 ablation)."""
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes,
+                                  level_start_index, padding_mask, query_level=query_level)
         src = self.norm1(src + self.dropout1(attended))
         hidden = self.linear2(self.dropout2(F.relu(self.linear1(src))))
-        src = self.norm2(src + self.dropout3(hidden))
-        return (src, *sampling) if return_sampling else src
+        return self.norm2(src + self.dropout3(hidden))
 
 
 class DeformableEncoder(nn.Module):
@@ -95,10 +115,11 @@ class DeformableEncoder(nn.Module):
         """Every pixel centre, normalized to the valid part of its own level, then
         seen on every level: (N, S, L, 2) as (x, y).
 
-        spatial_shapes: (L, 2); ratios: (N, L, 2) valid (w, h) fraction per level.
+        spatial_shapes: (L, 2) tensor or host list of (H_l, W_l); ratios: (N, L, 2)
+        valid (w, h) fraction per level.
         """
         points = []
-        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+        for lvl, (H, W) in enumerate(host_shapes(spatial_shapes)):
             ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=device) + 0.5,
                                     torch.arange(W, dtype=torch.float32, device=device) + 0.5,
                                     indexing="ij")
@@ -109,25 +130,23 @@ class DeformableEncoder(nn.Module):
         return points[:, :, None] * ratios[:, None]  # (N, S, L, 2)
 
     def forward(self, src, spatial_shapes, level_start_index, ratios, pos, padding_mask=None,
-                return_sampling: bool = False):
-        """src, pos: (N, S, C); ratios: (N, L, 2). Returns the memory (N, S, C), and with
-        `return_sampling` also one dict per layer: reference_points (N, S, L, 2),
-        sampling_locations (N, S, M, L, K, 2), attention_weights (N, S, M, L, K),
-        in the attention's coordinates (each level's padded map, normalized)."""
-        reference_points = self.reference_points(spatial_shapes, ratios, src.device)
+                level_shapes=None):
+        """src, pos: (N, S, C); ratios: (N, L, 2). Returns the memory (N, S, C).
+
+        level_shapes: the (H_l, W_l) of spatial_shapes as host ints, when the caller
+        has them (the transformer does): then no layer reads spatial_shapes back."""
+        shapes = host_shapes(spatial_shapes if level_shapes is None else level_shapes)
+        reference_points = self.reference_points(shapes, ratios, src.device)
         query_level = None
         if not self.cross_level:  # (S,): the level of every flattened pixel
+            sizes = [H * W for H, W in shapes]
             query_level = torch.repeat_interleave(
-                torch.arange(len(spatial_shapes), device=src.device), spatial_shapes.prod(1))
-        record = []
+                torch.arange(len(shapes), device=src.device),
+                torch.tensor(sizes, device=src.device), output_size=sum(sizes))
         for layer in self.layers:
-            src, *sampling = _as_tuple(layer(src, pos, reference_points, spatial_shapes,
-                                             level_start_index, padding_mask,
-                                             return_sampling=return_sampling,
-                                             query_level=query_level))
-            if return_sampling:
-                record.append(_sampling_entry(reference_points, *sampling))
-        return (src, record) if return_sampling else src
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index,
+                        padding_mask, query_level=query_level)
+        return src
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -154,20 +173,17 @@ class DeformableDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes,
-                level_start_index, padding_mask=None, return_sampling: bool = False):
+                level_start_index, padding_mask=None):
         """tgt, query_pos: (N, Q, C); reference_points: (N, Q, L, 2 or 4);
-        memory: (N, S, C). Returns (N, Q, C), and with `return_sampling` also the
-        cross-attention's sampling locations (N, Q, M, L, K, 2) and weights (N, Q, M, L, K)."""
+        memory: (N, S, C). Returns (N, Q, C)."""
         q = k = tgt + query_pos
         attended = self.self_attn(q, k, tgt, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
-        attended, *sampling = _as_tuple(self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
-            padding_mask, return_sampling=return_sampling))
+        attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
+                                   level_start_index, padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attended))
         hidden = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
-        tgt = self.norm3(tgt + self.dropout4(hidden))
-        return (tgt, *sampling) if return_sampling else tgt
+        return self.norm3(tgt + self.dropout4(hidden))
 
 
 class DeformableDecoder(nn.Module):
@@ -188,31 +204,23 @@ class DeformableDecoder(nn.Module):
         self.class_embed = None
 
     def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index,
-                ratios, query_pos, padding_mask=None, return_sampling: bool = False):
+                ratios, query_pos, padding_mask=None) -> DecoderOutput:
         """tgt, query_pos: (N, Q, C); reference_points: (N, Q, 2 or 4) in [0, 1] of the
         valid image; ratios: (N, L, 2). Returns every layer's output hs
         (layers, N, Q, C) and the reference after each layer (layers, N, Q, 2|4):
-        refined boxes with `bbox_embed`, else the initial reference repeated.
-        With `return_sampling` also one dict per layer: reference_points as the
-        cross-attention received them (N, Q, L, 2|4), sampling_locations
-        (N, Q, M, L, K, 2) and attention_weights (N, Q, M, L, K). (A list, not a
-        stacked tensor: with refinement, layer 0 gets points and later layers boxes.)"""
-        outputs, references, record = [], [], []
+        refined boxes with `bbox_embed`, else the initial reference repeated."""
+        outputs, references = [], []
         for lid, layer in enumerate(self.layers):
             # Scale to each level's padded map: the image fills only part of it.
             scale = ratios if reference_points.shape[-1] == 2 else torch.cat([ratios, ratios], -1)
             points = reference_points[:, :, None] * scale[:, None]  # (N, Q, L, 2|4)
-            tgt, *sampling = _as_tuple(layer(tgt, query_pos, points, memory, spatial_shapes,
-                                             level_start_index, padding_mask,
-                                             return_sampling=return_sampling))
-            if return_sampling:
-                record.append(_sampling_entry(points, *sampling))
+            tgt = layer(tgt, query_pos, points, memory, spatial_shapes, level_start_index,
+                        padding_mask)
             if self.bbox_embed is not None:
                 reference_points = self.refine(self.bbox_embed[lid](tgt), reference_points)
             outputs.append(tgt)
             references.append(reference_points)
-        hs, references = torch.stack(outputs), torch.stack(references)
-        return (hs, references, record) if return_sampling else (hs, references)
+        return DecoderOutput(torch.stack(outputs), torch.stack(references))
 
     @staticmethod
     def refine(delta, reference_points):
@@ -220,33 +228,34 @@ class DeformableDecoder(nn.Module):
         if reference_points.shape[-1] == 4:
             new = delta + inverse_sigmoid(reference_points)
         else:
-            new = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
+            centres = delta[..., :2] + inverse_sigmoid(reference_points)
+            new = torch.cat([centres, delta[..., 2:]], -1)
         return new.sigmoid().detach()
 
 
 class DeformableTransformer(nn.Module):
     """Flatten the levels, encode them, then decode object queries (paper Fig. 1).
 
-    d_model: C; nhead: M; enc/dec_n_points: K; num_feature_levels: L;
+    d_model: C; n_heads: M; d_ffn: the FFN width; n_levels: L; enc/dec_n_points: K;
     two_stage: initial boxes come from the encoder's top-scoring proposals
     instead of learned queries, `two_stage_num_proposals` of them.
     cross_level=False: encoder pixels attend to their own level only (Table 2 ablation).
     """
 
-    def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
-                 dim_feedforward=1024, dropout=0.1, num_feature_levels=4, dec_n_points=4,
-                 enc_n_points=4, two_stage=False, two_stage_num_proposals=300,
-                 backend="auto", cross_level=True):
+    def __init__(self, d_model=256, n_heads=8, num_encoder_layers=6, num_decoder_layers=6,
+                 d_ffn=1024, dropout=0.1, n_levels=4, dec_n_points=4, enc_n_points=4,
+                 two_stage=False, two_stage_num_proposals=300, backend="auto",
+                 cross_level=True):
         super().__init__()
-        self.d_model, self.nhead = d_model, nhead
+        self.d_model, self.n_heads, self.n_levels = d_model, n_heads, n_levels
         self.two_stage, self.two_stage_num_proposals = two_stage, two_stage_num_proposals
-        enc_layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
-                                           nhead, enc_n_points, backend)
+        enc_layer = DeformableEncoderLayer(d_model, d_ffn, dropout, n_levels, n_heads,
+                                           enc_n_points, backend)
         self.encoder = DeformableEncoder(enc_layer, num_encoder_layers, cross_level)
-        dec_layer = DeformableDecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels,
-                                           nhead, dec_n_points, backend)
+        dec_layer = DeformableDecoderLayer(d_model, d_ffn, dropout, n_levels, n_heads,
+                                           dec_n_points, backend)
         self.decoder = DeformableDecoder(dec_layer, num_decoder_layers)
-        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
             self.enc_output_norm = nn.LayerNorm(d_model)
@@ -269,64 +278,74 @@ class DeformableTransformer(nn.Module):
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
 
-    def flatten(self, srcs, masks, pos_embeds):
+    def check_levels(self, srcs, masks, pos_embeds):
+        """Once per forward: L maps of width C, each with its mask and position
+        embedding of the same (N, H_l, W_l). Returns the (H_l, W_l) as host ints."""
+        L = self.n_levels
+        if not len(srcs) == len(masks) == len(pos_embeds) == L:
+            raise ValueError(f"the transformer was built for {L} levels but got {len(srcs)} "
+                             f"maps, {len(masks)} masks and {len(pos_embeds)} position "
+                             "embeddings")
+        shapes = []
+        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
+            N, C, H, W = src.shape
+            if C != self.d_model or tuple(mask.shape) != (N, H, W) or pos.shape != src.shape:
+                raise ValueError(f"level {lvl}: expected src (N, C={self.d_model}, H, W), mask "
+                                 f"(N, H, W) and pos like src; got src {tuple(src.shape)}, "
+                                 f"mask {tuple(mask.shape)}, pos {tuple(pos.shape)}")
+            shapes.append((H, W))
+        return shapes
+
+    def flatten(self, srcs, masks, pos_embeds, shapes=None):
         """Per-level maps -> one token sequence (paper: the multi-scale feature maps
-        {x_l}). Returns src (N, S, C), mask (N, S), pos (N, S, C) with the level
-        embedding added, spatial_shapes (L, 2), level_start_index (L,)."""
-        shapes = [tuple(src.shape[-2:]) for src in srcs]
+        {x_l}). shapes: their (H_l, W_l) as host ints (default: read from srcs).
+        Returns src (N, S, C), mask (N, S), pos (N, S, C) with the level embedding
+        added, spatial_shapes (L, 2), level_start_index (L,); the last two built from
+        the host ints, so the op validates them without reading them back."""
+        if shapes is None:
+            shapes = [tuple(src.shape[-2:]) for src in srcs]
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         mask = torch.cat([m.flatten(1) for m in masks], 1)
         pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
                          for lvl, p in enumerate(pos_embeds)], 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
-        level_start_index = torch.cat([spatial_shapes.new_zeros(1),
-                                       spatial_shapes.prod(1).cumsum(0)[:-1]])
+        spatial_shapes, level_start_index = level_tensors(shapes, src.device)
         return src, mask, pos, spatial_shapes, level_start_index
 
-    def forward(self, srcs, masks, pos_embeds, query_embed=None, return_sampling: bool = False):
+    def forward(self, srcs, masks, pos_embeds, query_embed=None) -> TransformerOutput:
         """srcs, pos_embeds: lists of (N, C, H_l, W_l); masks: lists of (N, H_l, W_l);
         query_embed: (Q, 2C) learned queries (position half, content half), unused
-        with two-stage. Returns hs (layers, N, Q, C), init_reference (N, Q, 2|4),
-        references (layers, N, Q, 2|4), and the encoder's class logits and
-        unactivated boxes (N, S, ...) for two-stage (else None, None).
-
-        With `return_sampling`, a sixth item records where every deformable
-        attention looked: {"spatial_shapes", "level_start_index", "valid_ratios"
-        (N, L, 2), "encoder": [one dict per layer], "decoder": [one dict per layer]}
-        (the entries are listed in the encoder's and decoder's forward)."""
+        with two-stage. Returns a `TransformerOutput`: hs (layers, N, Q, C),
+        init_reference (N, Q, 2|4), references (layers, N, Q, 2|4), and the
+        encoder's class logits and unactivated boxes (N, S, ...) for two-stage."""
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed is required unless two_stage=True")
-        src, mask, pos, spatial_shapes, level_start_index = self.flatten(srcs, masks, pos_embeds)
+        shapes = self.check_levels(srcs, masks, pos_embeds)
+        src, mask, pos, spatial_shapes, level_start_index = self.flatten(srcs, masks,
+                                                                         pos_embeds, shapes)
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)  # (N, L, 2)
-        memory, *encoder_sampling = _as_tuple(self.encoder(
-            src, spatial_shapes, level_start_index, ratios, pos, mask,
-            return_sampling=return_sampling))
+        memory = self.encoder(src, spatial_shapes, level_start_index, ratios, pos, mask,
+                              level_shapes=shapes)
 
         enc_class = enc_coord_unact = None
         if self.two_stage:
             query_pos, tgt, reference_points, enc_class, enc_coord_unact = \
-                self.two_stage_queries(memory, mask, spatial_shapes)
+                self.two_stage_queries(memory, mask, shapes)
         else:
             query_pos, tgt = query_embed.split(self.d_model, dim=1)
             N = memory.shape[0]
             query_pos = query_pos.unsqueeze(0).expand(N, -1, -1)
             tgt = tgt.unsqueeze(0).expand(N, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()  # (N, Q, 2)
-        hs, references, *decoder_sampling = self.decoder(
-            tgt, reference_points, memory, spatial_shapes, level_start_index, ratios, query_pos,
-            mask, return_sampling=return_sampling)
-        if not return_sampling:
-            return hs, reference_points, references, enc_class, enc_coord_unact
-        sampling = {"spatial_shapes": spatial_shapes, "level_start_index": level_start_index,
-                    "valid_ratios": ratios, "encoder": encoder_sampling[0],
-                    "decoder": decoder_sampling[0]}
-        return hs, reference_points, references, enc_class, enc_coord_unact, sampling
+        hs, references = self.decoder(tgt, reference_points, memory, spatial_shapes,
+                                      level_start_index, ratios, query_pos, mask)
+        return TransformerOutput(hs, reference_points, references, enc_class, enc_coord_unact)
 
     # ------------------------------------------------------------------ two-stage
 
     def two_stage_queries(self, memory, mask, spatial_shapes):
         """Score every encoder token as a box proposal; the top-k become the decoder's
-        reference boxes and, through their sine embedding, its queries."""
+        reference boxes and, through their sine embedding, its queries.
+        spatial_shapes: (H_l, W_l) as host ints (or an (L, 2) tensor, read back)."""
         output_memory, proposals = self.encoder_proposals(memory, mask, spatial_shapes)
         heads = self.decoder.num_layers  # the extra last heads score proposals
         enc_class = self.decoder.class_embed[heads](output_memory)  # (N, S, classes)
@@ -346,11 +365,12 @@ class DeformableTransformer(nn.Module):
     def encoder_proposals(self, memory, mask, spatial_shapes):
         """One proposal per encoder token: a box centred on the pixel with side
         0.05 * 2^l on level l, in logit space; padding and boxes too close to
-        the border get +inf. Returns the projected memory (N, S, C) and the
+        the border get +inf. spatial_shapes: (H_l, W_l) as host ints (or an (L, 2)
+        tensor, read back). Returns the projected memory (N, S, C) and the
         proposals (N, S, 4)."""
         N = memory.shape[0]
         proposals, start = [], 0
-        for lvl, (H, W) in enumerate(spatial_shapes.tolist()):
+        for lvl, (H, W) in enumerate(host_shapes(spatial_shapes)):
             level_mask = mask[:, start:start + H * W].view(N, H, W)
             valid_h = (~level_mask[:, :, 0]).sum(1)
             valid_w = (~level_mask[:, 0, :]).sum(1)
@@ -379,5 +399,5 @@ class DeformableTransformer(nn.Module):
         embedding 2C wide for other widths too."""
         dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
         dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
-        pos = proposals.sigmoid()[..., None] * (2 * math.pi) / dim_t  # (N, Q, 4, F)
+        pos = proposals.sigmoid()[..., None] * (2 * math.pi) / dim_t  # (N, Q, 4, num_pos_feats)
         return torch.stack([pos[..., 0::2].sin(), pos[..., 1::2].cos()], dim=4).flatten(2)

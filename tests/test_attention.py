@@ -7,6 +7,7 @@ import torch
 from msda_inputs import COMPILED, device_of, level_start_index
 
 from ddetr_tutorial.attention import MSDeformAttn
+from ddetr_tutorial.recording import record_sampling
 
 SHAPES = [(6, 8), (3, 4), (2, 2), (1, 1)]
 S = sum(h * w for h, w in SHAPES)
@@ -18,6 +19,14 @@ DIRECTIONS_8 = [(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1,
 def make_module(**kw):
     torch.manual_seed(0)
     return MSDeformAttn(d_model=32, n_levels=4, n_heads=8, n_points=3, **kw).double()
+
+
+def sampled(attn, *args, **kwargs):
+    """attn's output, and the sampling locations and attention weights it recorded."""
+    with record_sampling(attn) as record:
+        out = attn(*args, **kwargs)
+    (layer,) = record.layers
+    return out, layer.sampling_locations, layer.attention_weights
 
 
 def make_inputs(N=2, Lq=7, C=32, points=2, seed=1):
@@ -51,7 +60,7 @@ def test_initial_sampling_pattern():
     head m's direction, with uniform attention over the L*K points."""
     attn = make_module()
     query, ref, feats, shapes, starts = make_inputs()
-    _, loc, weights = attn(query, ref, feats, shapes, starts, return_sampling=True)
+    _, loc, weights = sampled(attn, query, ref, feats, shapes, starts)
     assert loc.shape == (2, 7, 8, 4, 3, 2) and weights.shape == (2, 7, 8, 4, 3)
     torch.testing.assert_close(weights, torch.full_like(weights, 1 / 12))
     for lvl, (h, w) in enumerate(SHAPES):
@@ -68,7 +77,7 @@ def test_box_reference_points():
     """4-d references: offsets are scaled by half the box size over K."""
     attn = make_module()
     query, ref, feats, shapes, starts = make_inputs(points=4)
-    _, loc, _ = attn(query, ref, feats, shapes, starts, return_sampling=True)
+    _, loc, _ = sampled(attn, query, ref, feats, shapes, starts)
     offsets = attn.sampling_offsets(query).view(2, 7, 8, 4, 3, 2)
     want = ref[:, :, None, :, None, :2] + offsets / 3 * ref[:, :, None, :, None, 2:] * 0.5
     torch.testing.assert_close(loc, want)
@@ -132,8 +141,7 @@ def test_per_level_attention_reads_only_the_queries_own_level():
         torch.nn.init.normal_(attn.attention_weights.weight, std=0.5)
     query, ref, feats, shapes, starts = make_inputs(Lq=8)
     query_level = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    out, _, weights = attn(query, ref, feats, shapes, starts, query_level=query_level,
-                           return_sampling=True)
+    out, _, weights = sampled(attn, query, ref, feats, shapes, starts, query_level=query_level)
     own = torch.nn.functional.one_hot(query_level, 4).bool()[None, :, None, :, None]
     assert torch.all(weights.masked_select(~own.expand_as(weights)) == 0)
     torch.testing.assert_close(weights.sum((-1, -2)), torch.ones(2, 8, 8, dtype=torch.float64))

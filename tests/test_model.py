@@ -8,6 +8,7 @@ from official import PRESET_KEYS, official_keys
 from ddetr_tutorial.config import build_model, get_config
 from ddetr_tutorial.losses import total_loss
 from ddetr_tutorial.model import PostProcess
+from ddetr_tutorial.recording import record_sampling
 
 OFFICIAL = PRESET_KEYS
 PLAIN = {"with_box_refine": False, "two_stage": False}  # the tiny preset has both on
@@ -158,9 +159,10 @@ def test_per_level_attention_is_an_ablation_not_new_weights():
     per_level.load_state_dict(plain.state_dict())
     images, mask, _ = batch()
     plain.eval(), per_level.eval()
-    with torch.no_grad():
-        a = plain(images, mask, return_sampling=True)["sampling"]["encoder"][0]
-        b = per_level(images, mask, return_sampling=True)["sampling"]["encoder"][0]
+    with torch.no_grad(), record_sampling(plain) as a, record_sampling(per_level) as b:
+        plain(images, mask)
+        per_level(images, mask)
     # the finest level's pixels (the first tokens) put no weight on levels 1..3
-    first = b["attention_weights"][:, :10]  # (N, 10, M, L, K)
-    assert torch.all(first[..., 1:, :] == 0) and torch.all(a["attention_weights"][:, :10] > 0)
+    first = b.encoder[0].attention_weights[:, :10]  # (N, 10, M, L, K)
+    assert torch.all(first[..., 1:, :] == 0)
+    assert torch.all(a.encoder[0].attention_weights[:, :10] > 0)

@@ -16,6 +16,8 @@ from ddetr_tutorial.attention import MSDeformAttn
 from ddetr_tutorial.config import build_model, build_transforms, get_config
 from ddetr_tutorial.data.shapes import render_image
 from ddetr_tutorial.notebook import SHIPPED_MODEL, load_shipped_model
+from ddetr_tutorial.ops import ms_deform_attn_pytorch
+from ddetr_tutorial.recording import record_sampling
 
 
 @pytest.fixture(autouse=True)
@@ -77,31 +79,56 @@ def scatters(ax):
                                      {"with_box_refine": True, "two_stage": True}],
                          ids=["plain", "box_refine", "two_stage"])
 def test_recorded_sampling_equals_the_attention_module(variant):
-    """Oracle: call every MSDeformAttn again, directly, on the inputs it received
-    (captured by a pre-hook, in the tests only) with return_sampling=True."""
+    """Oracle: every MSDeformAttn's projections applied by hand (paper Eq. 2, or
+    the box version) to the inputs it received, captured by a pre-hook in the test;
+    and the recorded locations and weights, fed to the reference op, give the
+    module's own output."""
     model, _ = tiny_model(num_queries=10, **variant)
     images, mask = padded_batch()
     calls = []
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, MSDeformAttn):
             module.register_forward_pre_hook(
-                lambda mod, args, kwargs: calls.append((mod, args, kwargs)), with_kwargs=True)
+                lambda mod, args, kwargs, name=name: calls.append((name, mod, args, kwargs)),
+                with_kwargs=True)
     with torch.no_grad():
-        out = model(images, mask, return_sampling=True)
-        recorded = out["sampling"]["encoder"] + out["sampling"]["decoder"]
-        assert len(calls) == len(recorded) == 4  # 2 encoder + 2 decoder layers
-        for (module, args, kwargs), layer in zip(calls, recorded):
-            _, locations, weights = module(*args, **{**kwargs, "return_sampling": True})
-            torch.testing.assert_close(layer["sampling_locations"], locations)
-            torch.testing.assert_close(layer["attention_weights"], weights)
-            torch.testing.assert_close(layer["reference_points"], args[1])
+        with record_sampling(model) as record:
+            out = model(images, mask)
+        assert len(calls) == len(record.layers) == 4  # 2 encoder + 2 decoder layers
+        assert [layer.part for layer in record.layers] == ["encoder"] * 2 + ["decoder"] * 2
+        for (name, module, args, kwargs), layer in zip(calls, record.layers):
+            query, ref, feats, shapes, starts, padding = args
+            N, Lq, _ = query.shape
+            M, L, K = module.n_heads, module.n_levels, module.n_points
+            offsets = module.sampling_offsets(query).view(N, Lq, M, L, K, 2)
+            weights = module.attention_weights(query).view(N, Lq, M, L * K).softmax(-1)
+            if ref.shape[-1] == 2:  # offsets in pixels of each level
+                locations = (ref[:, :, None, :, None]
+                             + offsets / shapes.flip(-1)[None, None, None, :, None])
+            else:  # offsets relative to the box
+                locations = (ref[:, :, None, :, None, :2]
+                             + offsets / K * ref[:, :, None, :, None, 2:] * 0.5)
+            assert layer.name == name
+            torch.testing.assert_close(layer.sampling_locations, locations)
+            torch.testing.assert_close(layer.attention_weights, weights.view(N, Lq, M, L, K))
+            torch.testing.assert_close(layer.reference_points, ref)
+            value = module.value_proj(feats).masked_fill(padding[..., None], 0.0)
+            value = value.view(N, -1, M, value.shape[-1] // M)
+            replay = module.output_proj(ms_deform_attn_pytorch(
+                value, shapes, starts, layer.sampling_locations, layer.attention_weights))
+            torch.testing.assert_close(replay, module(*args, **kwargs))
+        # The record's levels and valid ratios are the transformer's.
+        torch.testing.assert_close(record.spatial_shapes, calls[0][2][3])
+        h, w = (~mask).sum(1).amax(1), (~mask).sum(2).amax(1)
+        assert torch.all(record.valid_ratios[:, 0, 0] == w / mask.shape[2])
+        assert torch.all(record.valid_ratios[:, 0, 1] == h / mask.shape[1])
         # The per-layer decoder boxes are the ones the model predicts.
-        boxes = [layer["boxes"] for layer in out["sampling"]["decoder"]]
-        torch.testing.assert_close(boxes[-1], out["pred_boxes"])
-        torch.testing.assert_close(boxes[0], out["aux_outputs"][0]["pred_boxes"])
-        # Asking for the record changes nothing else.
+        torch.testing.assert_close(record.boxes[-1], out["pred_boxes"])
+        torch.testing.assert_close(record.boxes[0], out["aux_outputs"][0]["pred_boxes"])
+        torch.testing.assert_close(record.logits[0], out["aux_outputs"][0]["pred_logits"])
+        # Recording changes nothing else.
         plain = model(images, mask)
-    assert "sampling" not in plain and set(out) - set(plain) == {"sampling"}
+    assert set(plain) == set(out)
     assert torch.equal(plain["pred_logits"], out["pred_logits"])
     assert torch.equal(plain["pred_boxes"], out["pred_boxes"])
 
@@ -214,7 +241,8 @@ def test_per_level_figure_has_a_panel_per_level_and_K_points_per_head(data, kind
         assert len(colours) == M
         cross = [line for line in ax.get_lines() if line.get_gid() == "reference"]
         np.testing.assert_allclose(np.ravel(cross[0].get_xydata()), points["reference"])
-        boxes = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_linestyle() in ("-", "solid")]
+        boxes = [p for p in ax.patches
+                 if isinstance(p, Rectangle) and p.get_linestyle() in ("-", "solid")]
         if kind == "decoder":
             x0, y0, x1, y1 = points["box"]
             assert any(np.allclose([b.get_x(), b.get_y(), b.get_width(), b.get_height()],
