@@ -175,6 +175,8 @@ def level_tensors(shapes: Sequence[tuple[int, int]], device=None):
         starts.append(starts[-1] + h * w)
     spatial_shapes = torch.tensor(rows, dtype=torch.int64, device=device).view(len(rows), 2)
     level_start_index = torch.tensor(starts, dtype=torch.int64, device=device)
+    if torch.compiler.is_compiling():  # a traced graph keeps no host state; the op
+        return spatial_shapes, level_start_index  # skips value checks while compiling
     key = id(spatial_shapes)
     _host_levels[key] = (weakref.ref(spatial_shapes, lambda _: _host_levels.pop(key, None)),
                          weakref.ref(level_start_index), spatial_shapes._version,
