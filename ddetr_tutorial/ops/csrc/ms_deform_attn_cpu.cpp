@@ -13,6 +13,10 @@
 // Corners outside the map are pointed at a row of zeros (reads) or a scratch
 // row (writes), so the channel loops have no branches.
 //
+// The corners and the point gradients come from ms_deform_attn_math.h, shared
+// with the CUDA kernel; the backward forms s_i = g . v_i per corner and turns
+// them into the point's gradients there.
+//
 // The per-range bodies are compiled twice on x86-64 with GCC (target_clones):
 // once for the baseline (SSE2) and once for x86-64-v3 (AVX2 + FMA); the loader
 // picks the best one for the CPU at load time, so one build runs everywhere.

@@ -32,6 +32,10 @@
 // them into grad_attention_weights and grad_sampling_locations with plain
 // stores. grad_value is scattered with atomics (vector atomics on sm_90+)
 // into a zeroed opmath buffer of value's shape.
+//
+// The corners and the point gradients come from ms_deform_attn_math.h (shared
+// with the CPU kernel), the launch geometry from ms_deform_attn_cuda_geometry.h.
+// Host compilers parse this file too: tests/cuda_emulation/ runs it on a CPU.
 #pragma once
 
 #include <cstdint>
