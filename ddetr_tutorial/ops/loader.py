@@ -38,8 +38,9 @@ SOURCES = {
 }
 # Headers are not compiled on their own but change the build, so they are hashed too.
 HEADERS = {
-    "cpu": ["checks.h", "ms_deform_attn.h"],
-    "cuda": ["checks.h", "ms_deform_attn.h", "ms_deform_attn_cuda_kernel.cuh"],
+    "cpu": ["checks.h", "ms_deform_attn.h", "ms_deform_attn_math.h"],
+    "cuda": ["checks.h", "ms_deform_attn.h", "ms_deform_attn_math.h",
+             "ms_deform_attn_cuda_geometry.h", "ms_deform_attn_cuda_kernel.cuh"],
 }
 
 CFLAGS = {"cpu": ["-O3", "-fopenmp"], "cuda": ["-O3", "-DDDETR_CUDA"]}

@@ -13,6 +13,10 @@
 // Corners outside the map are pointed at a row of zeros (reads) or a scratch
 // row (writes), so the channel loops have no branches.
 //
+// The corners and the point gradients come from ms_deform_attn_math.h, shared
+// with the CUDA kernel; the backward forms s_i = g . v_i per corner and turns
+// them into the point's gradients there.
+//
 // The per-range bodies are compiled twice on x86-64 with GCC (target_clones):
 // once for the baseline (SSE2) and once for x86-64-v3 (AVX2 + FMA); the loader
 // picks the best one for the CPU at load time, so one build runs everywhere.
@@ -23,6 +27,7 @@
 #include <vector>
 
 #include "ms_deform_attn.h"
+#include "ms_deform_attn_math.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DDETR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -48,36 +53,18 @@ std::vector<Level> read_levels(const at::Tensor& spatial_shapes,
   return levels;
 }
 
-// The four bilinear corners of one sampling point, grid_sample(align_corners=False).
-// token[i] is the corner's index into S, or -1 when it lies outside the map
-// (zero padding). Corner order: (h0, w0), (h0, w1), (h1, w0), (h1, w1).
 template <typename scalar_t>
-struct Corners {
-  int64_t token[4];
-  scalar_t weight[4];
-  scalar_t lh, lw;  // fractional parts, for the location gradient
-};
+using Corners = math::Corners<scalar_t, int64_t>;
 
-// Returns false when the point lies entirely outside the map.
+// The bilinear corners of the point xy = (x, y) of level lv (ms_deform_attn_math.h);
+// false when no corner is on the map.
 template <typename scalar_t>
-inline bool bilinear_corners(scalar_t x, scalar_t y, const Level& lv, Corners<scalar_t>& c) {
-  const scalar_t w_im = x * lv.W - scalar_t(0.5);
-  const scalar_t h_im = y * lv.H - scalar_t(0.5);
-  if (!(h_im > -1 && w_im > -1 && h_im < lv.H && w_im < lv.W)) return false;
-  const int64_t h0 = static_cast<int64_t>(std::floor(h_im));
-  const int64_t w0 = static_cast<int64_t>(std::floor(w_im));
-  c.lh = h_im - h0;
-  c.lw = w_im - w0;
-  const scalar_t hh = 1 - c.lh, hw = 1 - c.lw;
-  const int64_t hs[4] = {h0, h0, h0 + 1, h0 + 1};
-  const int64_t ws[4] = {w0, w0 + 1, w0, w0 + 1};
-  const scalar_t wts[4] = {hh * hw, hh * c.lw, c.lh * hw, c.lh * c.lw};
-  for (int i = 0; i < 4; ++i) {
-    const bool inside = hs[i] >= 0 && hs[i] < lv.H && ws[i] >= 0 && ws[i] < lv.W;
-    c.token[i] = inside ? lv.start + hs[i] * lv.W + ws[i] : -1;
-    c.weight[i] = inside ? wts[i] : scalar_t(0);
-  }
-  return true;
+DDETR_INLINE bool corners_of(const scalar_t* xy, const Level& lv, int64_t S,
+                             Corners<scalar_t>& c) {
+  const scalar_t w_im = math::pixel_coord<false>(xy[0], static_cast<scalar_t>(lv.W));
+  const scalar_t h_im = math::pixel_coord<false>(xy[1], static_cast<scalar_t>(lv.H));
+  c = math::bilinear_corners(h_im, w_im, lv.H, lv.W, lv.start, S);
+  return math::any_corner(c);
 }
 
 struct Sizes {
@@ -116,15 +103,14 @@ DDETR_INLINE void forward_rows(const Args<scalar_t>& a, int64_t begin, int64_t e
       const int64_t point0 = (row * z.M + m) * LK;
       for (int64_t p = 0; p < LK; ++p) {
         Corners<scalar_t> cr;
-        const scalar_t* xy = a.loc + 2 * (point0 + p);
-        if (!bilinear_corners(xy[0], xy[1], a.levels[p / z.K], cr)) continue;
+        if (!corners_of(a.loc + 2 * (point0 + p), a.levels[p / z.K], z.S, cr)) continue;
         const scalar_t at = a.attn[point0 + p];
         const scalar_t* v[4];
         for (int i = 0; i < 4; ++i) {
-          v[i] = cr.token[i] < 0 ? a.zeros : a.value + ((n * z.S + cr.token[i]) * z.M + m) * z.D;
+          v[i] = cr.idx[i] < 0 ? a.zeros : a.value + ((n * z.S + cr.idx[i]) * z.M + m) * z.D;
         }
-        const scalar_t w0 = at * cr.weight[0], w1 = at * cr.weight[1];
-        const scalar_t w2 = at * cr.weight[2], w3 = at * cr.weight[3];
+        const scalar_t w0 = at * cr.w[0], w1 = at * cr.w[1];
+        const scalar_t w2 = at * cr.w[2], w3 = at * cr.w[3];
         const scalar_t *__restrict__ v0 = v[0], *__restrict__ v1 = v[1];
         const scalar_t *__restrict__ v2 = v[2], *__restrict__ v3 = v[3];
 #pragma omp simd
@@ -151,8 +137,7 @@ DDETR_INLINE void backward_heads(const Args<scalar_t>& a, int64_t begin, int64_t
         const int64_t point = head_row * LK + p;
         const Level& lv = a.levels[p / z.K];
         Corners<scalar_t> cr;
-        const scalar_t* xy = a.loc + 2 * point;
-        if (!bilinear_corners(xy[0], xy[1], lv, cr)) {
+        if (!corners_of(a.loc + 2 * point, lv, z.S, cr)) {
           a.grad_attn[point] = 0;
           a.grad_loc[2 * point] = a.grad_loc[2 * point + 1] = 0;
           continue;
@@ -161,34 +146,37 @@ DDETR_INLINE void backward_heads(const Args<scalar_t>& a, int64_t begin, int64_t
         const scalar_t* v[4];
         scalar_t* gv[4];
         for (int i = 0; i < 4; ++i) {
-          const int64_t off = ((n * z.S + cr.token[i]) * z.M + m) * z.D;
-          v[i] = cr.token[i] < 0 ? a.zeros : a.value + off;
-          gv[i] = cr.token[i] < 0 ? scratch + i * z.D : a.out + off;
+          const int64_t off = ((n * z.S + cr.idx[i]) * z.M + m) * z.D;
+          v[i] = cr.idx[i] < 0 ? a.zeros : a.value + off;
+          gv[i] = cr.idx[i] < 0 ? scratch + i * z.D : a.out + off;
         }
-        const scalar_t lh = cr.lh, lw = cr.lw, hh = 1 - lh, hw = 1 - lw;
-        const scalar_t w0 = cr.weight[0], w1 = cr.weight[1];
-        const scalar_t w2 = cr.weight[2], w3 = cr.weight[3];
-        const scalar_t aw0 = at * w0, aw1 = at * w1, aw2 = at * w2, aw3 = at * w3;
+        const scalar_t aw0 = at * cr.w[0], aw1 = at * cr.w[1];
+        const scalar_t aw2 = at * cr.w[2], aw3 = at * cr.w[3];
         const scalar_t *__restrict__ v0 = v[0], *__restrict__ v1 = v[1];
         const scalar_t *__restrict__ v2 = v[2], *__restrict__ v3 = v[3];
         scalar_t *__restrict__ g0 = gv[0], *__restrict__ g1 = gv[1];
         scalar_t *__restrict__ g2 = gv[2], *__restrict__ g3 = gv[3];
-        scalar_t d_attn = 0, d_w = 0, d_h = 0;
-#pragma omp simd reduction(+ : d_attn, d_w, d_h)
+        // s_i = g . v_i over the head's channels; the point's gradients follow
+        // from them (ms_deform_attn_math.h).
+        scalar_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
         for (int64_t c = 0; c < z.D; ++c) {
           const scalar_t gc = g[c];
-          d_attn += gc * (w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c]);
-          d_w += gc * (hh * (v1[c] - v0[c]) + lh * (v3[c] - v2[c]));
-          d_h += gc * (hw * (v2[c] - v0[c]) + lw * (v3[c] - v1[c]));
+          s0 += gc * v0[c];
+          s1 += gc * v1[c];
+          s2 += gc * v2[c];
+          s3 += gc * v3[c];
           g0[c] += aw0 * gc;
           g1[c] += aw1 * gc;
           g2[c] += aw2 * gc;
           g3[c] += aw3 * gc;
         }
-        a.grad_attn[point] = d_attn;
-        // Chain rule through w_im = x * W - 0.5 and h_im = y * H - 0.5.
-        a.grad_loc[2 * point] = at * d_w * lv.W;
-        a.grad_loc[2 * point + 1] = at * d_h * lv.H;
+        const scalar_t s[4] = {s0, s1, s2, s3};
+        const math::PointGrad<scalar_t> pg = math::point_gradients(
+            cr.w, cr.lh, cr.lw, at, s, static_cast<scalar_t>(lv.H), static_cast<scalar_t>(lv.W));
+        a.grad_attn[point] = pg.attn;
+        a.grad_loc[2 * point] = pg.x;
+        a.grad_loc[2 * point + 1] = pg.y;
       }
     }
   }

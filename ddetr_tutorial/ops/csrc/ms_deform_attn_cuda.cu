@@ -1,10 +1,10 @@
 // Multi-scale deformable attention, CUDA host launchers.
 //
-// Each entry point allocates its outputs, returns early on empty inputs,
-// picks the vector width VEC (16-byte loads when D and the pointers allow)
-// and the group size TPG, sizes the point tile to the shared-memory budget,
-// and launches one kernel of ms_deform_attn_cuda_kernel.cuh on the current
-// stream of value's device. The mapping itself is described in that file.
+// Each entry point allocates its outputs, returns early on empty inputs, takes
+// the launch geometry from ms_deform_attn_cuda_geometry.h (vector width VEC,
+// group size TPG, point tile, grid) and launches one kernel of
+// ms_deform_attn_cuda_kernel.cuh on the current stream of value's device. The
+// mapping itself is described in that file.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ms_deform_attn.h"
+#include "ms_deform_attn_cuda_geometry.h"
 #include "ms_deform_attn_cuda_kernel.cuh"
 
 namespace ddetr {
@@ -38,18 +39,7 @@ struct CudaType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int64_t next_pow2(int64_t x) {
-  int64_t p = 1;
-  while (p < x) p <<= 1;
-  return p;
-}
-
-// Sizes in DESIGN.md letters.
-struct Sizes {
-  int64_t N, S, M, D, Lq, L, K;
-};
+using msda::Sizes;
 
 Sizes sizes_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
   return {value.size(0), value.size(1), value.size(2), value.size(3),
@@ -66,80 +56,19 @@ void check_index_limits(const Sizes& z) {
               " points is more than 2^31 - 1");
 }
 
-// The widest VEC (at most 16 bytes) that divides D and keeps every pointer
-// VEC-element aligned; D % VEC == 0 then aligns every row as well.
-int pick_vec(int64_t D, int elem_size, std::initializer_list<const void*> ptrs) {
-  int vec = 16 / elem_size;
-  const auto aligned = [&](int v) {
-    for (const void* p : ptrs) {
-      if (reinterpret_cast<uintptr_t>(p) % (static_cast<uintptr_t>(v) * elem_size) != 0) {
-        return false;
-      }
-    }
-    return true;
-  };
-  while (vec > 1 && (D % vec != 0 || !aligned(vec))) vec /= 2;
-  return vec;
-}
-
-// Launch geometry for one kernel whose shared-memory point record is Record.
+// Dynamic shared memory of a block, refused when over what a block may have.
 template <typename Record>
-msda::Shape make_shape(const Sizes& z, int vec) {
-  msda::Shape sh{};
-  sh.n_items = z.N * z.Lq * z.M;
-  sh.qm = z.Lq * z.M;
-  sh.M = static_cast<int32_t>(z.M);
-  sh.S = static_cast<int32_t>(z.S);
-  sh.D = static_cast<int32_t>(z.D);
-  sh.L = static_cast<int32_t>(z.L);
-  sh.K = static_cast<int32_t>(z.K);
-  sh.LK = static_cast<int32_t>(z.L * z.K);
-  // A group covers D with VEC channels per lane, capped at a warp; wider
-  // heads loop over chunks of VEC * TPG channels.
-  sh.tpg = static_cast<int32_t>(std::min<int64_t>(32, next_pow2(ceil_div(z.D, vec))));
-  sh.items_per_block = kThreads / sh.tpg;
-  sh.n_chunks = static_cast<int32_t>(ceil_div(z.D, int64_t(vec) * sh.tpg));
-  sh.n_blocks = ceil_div(sh.n_items, sh.items_per_block);
-  // As many points per tile as the budget holds after the level table.
-  const int64_t table_bytes = 3 * z.L * int64_t(sizeof(int32_t));
-  const int64_t point_bytes = int64_t(sh.items_per_block) * int64_t(sizeof(Record));
-  const int64_t fit = (msda::kSmemBudget - table_bytes) / point_bytes;
-  sh.tile_points = static_cast<int32_t>(std::clamp<int64_t>(fit, 1, sh.LK));
-  sh.n_tiles = static_cast<int32_t>(ceil_div(sh.LK, sh.tile_points));
-  return sh;
-}
-
-// G * PT records, then the (H, W, start) table of the L levels.
-template <typename Record>
-size_t shared_bytes(const msda::Shape& sh) {
-  const size_t bytes = sizeof(Record) * size_t(sh.items_per_block) * size_t(sh.tile_points) +
-                       3 * size_t(sh.L) * sizeof(int32_t);
-  TORCH_CHECK(bytes <= 48 * 1024, "ms_deform_attn (CUDA): L = ", sh.L,
+size_t checked_shared_bytes(const msda::Shape& sh) {
+  const size_t bytes = msda::shared_bytes<Record>(sh);
+  TORCH_CHECK(bytes <= msda::kMaxSharedBytes, "ms_deform_attn (CUDA): L = ", sh.L,
               " levels need more shared memory than a block has");
   return bytes;
 }
 
-// A few waves of resident blocks; the kernels' block-stride loop does the rest.
 unsigned grid_size(const msda::Shape& sh, int device) {
   int sm_count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  const int64_t waves = int64_t(std::max(sm_count, 1)) * 32;
-  return static_cast<unsigned>(std::min(sh.n_blocks, waves));
-}
-
-// Calls fn(std::integral_constant<int, VEC>) for the run-time vec, without
-// instantiating widths over 16 bytes for the type.
-template <int kMaxVec, typename Fn>
-void dispatch_vec(int vec, Fn&& fn) {
-  if constexpr (kMaxVec >= 8) {
-    if (vec == 8) return fn(std::integral_constant<int, 8>{});
-  }
-  if constexpr (kMaxVec >= 4) {
-    if (vec == 4) return fn(std::integral_constant<int, 4>{});
-  }
-  if (vec == 2) return fn(std::integral_constant<int, 2>{});
-  TORCH_CHECK(vec == 1, "ms_deform_attn (CUDA): bad vector width ", vec);
-  fn(std::integral_constant<int, 1>{});
+  return msda::grid_blocks(sh, sm_count);
 }
 
 template <typename scalar_t>
@@ -161,13 +90,13 @@ void launch_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
   static_assert(std::is_same_v<Op, msda::opmath_t<T>>, "opmath types disagree");
   using Record = msda::ForwardPoint<Op>;
 
-  const int vec = pick_vec(z.D, sizeof(T), {value.data_ptr()});
-  const msda::Shape sh = make_shape<Record>(z, vec);
-  const size_t smem = shared_bytes<Record>(sh);
+  const int vec = msda::pick_vec(z.D, sizeof(T), {value.data_ptr()});
+  const msda::Shape sh = msda::make_shape<Record>(z, vec);
+  const size_t smem = checked_shared_bytes<Record>(sh);
   const unsigned grid = grid_size(sh, value.get_device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  dispatch_vec<16 / sizeof(T)>(vec, [&](auto vec_c) {
+  msda::dispatch_vec<16 / sizeof(T)>(vec, [&](auto vec_c) {
     constexpr int VEC = decltype(vec_c)::value;
     msda::ms_deform_attn_forward_kernel<T, VEC><<<grid, kThreads, smem, stream>>>(
         cuda_ptr<scalar_t>(value), spatial_shapes.data_ptr<int64_t>(),
@@ -189,13 +118,13 @@ void launch_backward(const at::Tensor& value, const at::Tensor& spatial_shapes,
   using Record = msda::BackwardPoint<Op>;
 
   // grad_value_acc is a fresh opmath buffer, aligned for any VEC that divides D.
-  const int vec = pick_vec(z.D, sizeof(T), {value.data_ptr(), grad_output.data_ptr()});
-  const msda::Shape sh = make_shape<Record>(z, vec);
-  const size_t smem = shared_bytes<Record>(sh);
+  const int vec = msda::pick_vec(z.D, sizeof(T), {value.data_ptr(), grad_output.data_ptr()});
+  const msda::Shape sh = msda::make_shape<Record>(z, vec);
+  const size_t smem = checked_shared_bytes<Record>(sh);
   const unsigned grid = grid_size(sh, value.get_device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  dispatch_vec<16 / sizeof(T)>(vec, [&](auto vec_c) {
+  msda::dispatch_vec<16 / sizeof(T)>(vec, [&](auto vec_c) {
     constexpr int VEC = decltype(vec_c)::value;
     msda::ms_deform_attn_backward_kernel<T, VEC><<<grid, kThreads, smem, stream>>>(
         cuda_ptr<scalar_t>(value), spatial_shapes.data_ptr<int64_t>(),

@@ -32,6 +32,10 @@
 // them into grad_attention_weights and grad_sampling_locations with plain
 // stores. grad_value is scattered with atomics (vector atomics on sm_90+)
 // into a zeroed opmath buffer of value's shape.
+//
+// The corners and the point gradients come from ms_deform_attn_math.h (shared
+// with the CPU kernel), the launch geometry from ms_deform_attn_cuda_geometry.h.
+// Host compilers parse this file too: tests/cuda_emulation/ runs it on a CPU.
 #pragma once
 
 #include <cstdint>
@@ -40,8 +44,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "ms_deform_attn_cuda_geometry.h"
+#include "ms_deform_attn_math.h"
+
 // float2 / float4 atomicAdd exist on sm_90+ from CUDA 12.1 (PTX red.v4.f32).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
+// The CUDA emulation test (tests/cuda_emulation/) sets it to run both paths.
+#if defined(DDETR_VECTOR_ATOMICS)
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
     (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 1))
 #define DDETR_VECTOR_ATOMICS 1
 #else
@@ -50,9 +59,6 @@
 
 namespace ddetr {
 namespace msda {
-
-constexpr int kThreads = 256;        // threads per block
-constexpr int kSmemBudget = 40960;   // bytes of point records + level table per block
 
 // ---------------------------------------------------------------------------
 // Types: storage T (float, double, __half, __nv_bfloat16) and its opmath type.
@@ -82,13 +88,6 @@ __device__ __forceinline__ void from_op(float x, __half& dst) { dst = __float2ha
 __device__ __forceinline__ void from_op(float x, __nv_bfloat16& dst) {
   dst = __float2bfloat16_rn(x);
 }
-
-__device__ __forceinline__ float op_floor(float x) { return floorf(x); }
-__device__ __forceinline__ double op_floor(double x) { return floor(x); }
-// One rounding for x * n - 0.5: keeps fp32 pixel coordinates as close to the
-// float64 reference as fp32 allows.
-__device__ __forceinline__ float op_fma(float a, float b, float c) { return fmaf(a, b, c); }
-__device__ __forceinline__ double op_fma(double a, double b, double c) { return fma(a, b, c); }
 
 // VEC contiguous elements moved as one aligned vector (16 bytes at most).
 template <typename T, int VEC>
@@ -246,22 +245,6 @@ __device__ __forceinline__ Op group_sum(Op x, int tpg) {
 }
 
 // ---------------------------------------------------------------------------
-// Launch geometry, filled in by the host launcher.
-
-struct Shape {
-  int64_t n_items;       // N * Lq * M work items
-  int64_t n_blocks;      // ceil(n_items / items_per_block)
-  int64_t qm;            // Lq * M: item / qm is n
-  int32_t M, S, D;       // heads, tokens, channels per head
-  int32_t L, K, LK;      // levels, points per level, L * K
-  int32_t tpg;           // threads per item (group), power of two <= 32
-  int32_t items_per_block;  // G = kThreads / tpg
-  int32_t tile_points;   // PT points per tile
-  int32_t n_tiles;       // ceil(LK / PT)
-  int32_t n_chunks;      // ceil(D / (VEC * tpg)) channel chunks per thread
-};
-
-// ---------------------------------------------------------------------------
 // Phase 1: one sampling point -> 4 corners.
 
 // Per-level sizes, copied to shared memory once per block.
@@ -281,57 +264,9 @@ __device__ __forceinline__ Levels load_levels(int32_t* table, const int64_t* spa
   return {table, table + L, table + 2 * L};
 }
 
-// The bilinear corners of one point, grid_sample(align_corners=False, zeros).
-// Corner order: (h0, w0), (h0, w1), (h1, w0), (h1, w1).
+// The bilinear corners of one point (ms_deform_attn_math.h), 32-bit token indices.
 template <typename Op>
-struct Corners {
-  int32_t idx[4];  // token index into S, -1 when off the map
-  Op w[4];         // bilinear weight, 0 when off the map
-  Op lh, lw;       // fractional position inside the cell
-};
-
-template <typename Op>
-__device__ __forceinline__ Corners<Op> no_corners() {
-  Corners<Op> c;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    c.idx[i] = -1;
-    c.w[i] = Op(0);
-  }
-  c.lh = c.lw = Op(0);
-  return c;
-}
-
-// x is along W, y along H, both normalized to [0, 1] over the map.
-template <typename Op>
-__device__ __forceinline__ Corners<Op> bilinear_corners(Op x, Op y, int32_t H, int32_t W,
-                                                        int32_t start, int32_t S) {
-  const Op h_im = op_fma(y, static_cast<Op>(H), Op(-0.5));
-  const Op w_im = op_fma(x, static_cast<Op>(W), Op(-0.5));
-  // Written so that NaN coordinates also count as outside.
-  if (!(h_im > Op(-1) && w_im > Op(-1) && h_im < static_cast<Op>(H) &&
-        w_im < static_cast<Op>(W))) {
-    return no_corners<Op>();
-  }
-  const Op hf = op_floor(h_im), wf = op_floor(w_im);
-  const int32_t h0 = static_cast<int32_t>(hf), w0 = static_cast<int32_t>(wf);
-  Corners<Op> c;
-  c.lh = h_im - hf;
-  c.lw = w_im - wf;
-  const Op hh = Op(1) - c.lh, hw = Op(1) - c.lw;
-  const Op weights[4] = {hh * hw, hh * c.lw, c.lh * hw, c.lh * c.lw};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int32_t h = h0 + (i >> 1), w = w0 + (i & 1);
-    const int64_t token = static_cast<int64_t>(start) + static_cast<int64_t>(h) * W + w;
-    // The token range test only matters for inconsistent level tables; it
-    // makes an out-of-bounds read impossible whatever they hold.
-    const bool inside = h >= 0 && h < H && w >= 0 && w < W && token >= 0 && token < S;
-    c.idx[i] = inside ? static_cast<int32_t>(token) : -1;
-    c.w[i] = inside ? weights[i] : Op(0);
-  }
-  return c;
-}
+using Corners = math::Corners<Op, int32_t>;
 
 // Shared-memory record of one point: forward folds the attention weight into
 // the corner weights.
@@ -385,17 +320,20 @@ __device__ void fill_tile(Record* recs, const Levels& levels, const Op* __restri
     const int g = r / sh.tile_points;
     const int p = p0 + (r - g * sh.tile_points);
     const int64_t item = item0 + g;
-    Corners<Op> c = no_corners<Op>();
+    Corners<Op> c;
+    math::clear_corners(c);
     Op a = Op(0);
-    bool inside = false;
     if (item < sh.n_items && p < sh.LK) {
       const int64_t pt = item * sh.LK + p;  // flat (n, q, m, l, k)
       const int l = p / sh.K;
+      const int32_t H = levels.H[l], W = levels.W[l];
       a = attn[pt];
-      c = bilinear_corners(loc[2 * pt], loc[2 * pt + 1], levels.H[l], levels.W[l],
-                           levels.start[l], sh.S);
-      inside = c.idx[0] >= 0 || c.idx[1] >= 0 || c.idx[2] >= 0 || c.idx[3] >= 0;
+      // x is along W, y along H, both normalized to [0, 1] over the map.
+      const Op h_im = math::pixel_coord<true>(loc[2 * pt + 1], static_cast<Op>(H));
+      const Op w_im = math::pixel_coord<true>(loc[2 * pt], static_cast<Op>(W));
+      c = math::bilinear_corners(h_im, w_im, H, W, levels.start[l], sh.S);
     }
+    const bool inside = math::any_corner(c);
     write_point(recs[r], c, a, inside);
   }
 }
@@ -599,18 +537,14 @@ __global__ void __launch_bounds__(kThreads)
         if (has_item && lane == 0) {
           const Record pt = my_recs[p];
           const int l = (p0 + p) / sh.K;
-          const Op hh = Op(1) - pt.lh, hw = Op(1) - pt.lw;
-          // d out / d attn is the bilinear sample itself.
-          const Op d_attn = pt.w[0] * s[0] + pt.w[1] * s[1] + pt.w[2] * s[2] + pt.w[3] * s[3];
-          // Derivatives of the bilinear sample along w_im and h_im, then the
-          // chain rule through w_im = x * W - 0.5, h_im = y * H - 0.5.
-          const Op d_w = hh * (s[1] - s[0]) + pt.lh * (s[3] - s[2]);
-          const Op d_h = hw * (s[2] - s[0]) + pt.lw * (s[3] - s[1]);
+          const math::PointGrad<Op> pg =
+              math::point_gradients(pt.w, pt.lh, pt.lw, pt.attn, s,
+                                    static_cast<Op>(levels.H[l]), static_cast<Op>(levels.W[l]));
           const int64_t pi = item * sh.LK + p0 + p;  // flat (n, q, m, l, k)
-          grad_attention_weights[pi] = d_attn;
+          grad_attention_weights[pi] = pg.attn;
           Pack<Op, 2> d_loc;
-          d_loc.v[0] = static_cast<Op>(levels.W[l]) * pt.attn * d_w;
-          d_loc.v[1] = static_cast<Op>(levels.H[l]) * pt.attn * d_h;
+          d_loc.v[0] = pg.x;
+          d_loc.v[1] = pg.y;
           *reinterpret_cast<Pack<Op, 2>*>(grad_sampling_locations + 2 * pi) = d_loc;
         }
       }
