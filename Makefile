@@ -1,5 +1,6 @@
 # make demo   set up .venv and run the main job
 # make test   set up .venv and run the tests
+# make lint   set up .venv and run ruff (pyflakes, pycodestyle, import order)
 # make lab    set up .venv and open JupyterLab on notebooks/
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: demo test lab venv build-ops bench clean
+.PHONY: demo test lint lab venv build-ops bench clean
 
 venv: $(STAMP)
 
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[notebooks,test]"
 	touch $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 test: venv
 	$(PY) -m pytest

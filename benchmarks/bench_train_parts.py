@@ -71,7 +71,8 @@ def bench_matching(repeats: int) -> list[dict]:
     for name, q in (("encoder proposals", 193), ("decoder queries", 30)):
         outputs, targets = matching_problem(q)
         per_image = [x.tolist() for pair in matcher(outputs, targets) for x in pair]
-        all_pairs = [x.tolist() for pair in match_all_pairs(matcher, outputs, targets) for x in pair]
+        all_pairs = [x.tolist() for pair in match_all_pairs(matcher, outputs, targets)
+                     for x in pair]
         same = per_image == all_pairs
         new = median_seconds(lambda: matcher(outputs, targets), repeats)
         old = median_seconds(lambda: match_all_pairs(matcher, outputs, targets), repeats)

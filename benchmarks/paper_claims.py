@@ -400,9 +400,11 @@ def markdown(report) -> str:
     lines += ["", "| variant | seeds | AP | APs | machine |", "|---|---|---|---|---|"]
     for name, v in report["variants"].items():
         ap, aps = v["final"]["AP"], v["final"]["APs"]
-        fmt = (lambda s: "-" if s is None else
-               f"{s['mean']:.1f}" + (f" ({', '.join(f'{x:.1f}' for x in s['values'])})"
-                                     if len(s["values"]) > 1 else ""))
+        def fmt(s):
+            return ("-" if s is None else
+                    f"{s['mean']:.1f}" + (f" ({', '.join(f'{x:.1f}' for x in s['values'])})"
+                                          if len(s["values"]) > 1 else ""))
+
         seeds = ", ".join(str(seed) if status == "complete" else f"{seed}: {status}"
                           for seed, status in sorted(v["status"].items()))
         lines.append(f"| {name} | {seeds} | {fmt(ap)} | {fmt(aps)} "

@@ -255,7 +255,8 @@ class Backbone(nn.Module):
             load_resnet_weights(self.body, pretrained)
         if norm == "batch":
             unfreeze_batch_norm(self.body)
-        trained = ("layer2", "layer3", "layer4") + (("conv1", "bn1", "layer1") if train_stem else ())
+        trained = (("layer2", "layer3", "layer4")
+                   + (("conv1", "bn1", "layer1") if train_stem else ()))
         for pname, param in self.body.named_parameters():
             # The stem and layer1 stay at their ImageNet values (low-level filters).
             param.requires_grad_(train_backbone and pname.startswith(trained))
@@ -345,5 +346,5 @@ def build_backbone(*, name: str = "resnet50", hidden_dim: int = 256, train_backb
     return Joiner(backbone, build_position_encoding(hidden_dim=hidden_dim))
 
 
-__all__ = ["FrozenBatchNorm2d", "unfreeze_batch_norm", "BasicBlock", "Bottleneck", "ResNet", "resnet",
-           "load_resnet_weights", "Backbone", "Joiner", "build_backbone", "resize_mask"]
+__all__ = ["FrozenBatchNorm2d", "unfreeze_batch_norm", "BasicBlock", "Bottleneck", "ResNet",
+           "resnet", "load_resnet_weights", "Backbone", "Joiner", "build_backbone", "resize_mask"]

@@ -33,7 +33,8 @@ def box_area(boxes_xyxy: Tensor) -> Tensor:
 
 
 def check_boxes_xyxy(boxes_xyxy: Tensor, name: str) -> None:
-    """Raise ValueError if `boxes_xyxy` is not (B, 4), holds NaN or inf, or has x1 < x0 or y1 < y0."""
+    """Raise ValueError if `boxes_xyxy` is not (B, 4), holds NaN or inf, or has x1 < x0 or
+    y1 < y0."""
     if boxes_xyxy.dim() != 2 or boxes_xyxy.shape[-1] != 4:
         raise ValueError(f"{name} must have shape (B, 4) in (x0, y0, x1, y1) format, "
                          f"got shape {tuple(boxes_xyxy.shape)}")
@@ -41,8 +42,10 @@ def check_boxes_xyxy(boxes_xyxy: Tensor, name: str) -> None:
     if not_finite.any():
         row = int(not_finite.nonzero()[0])
         kind = "NaN" if torch.isnan(boxes_xyxy[row]).any() else "inf"
-        raise ValueError(f"{name} contains {kind} (first at row {row}: {boxes_xyxy[row].tolist()}); "
-                         f"{kind} predictions usually mean training diverged (try a lower learning rate)")
+        raise ValueError(f"{name} contains {kind} "
+                         f"(first at row {row}: {boxes_xyxy[row].tolist()}); "
+                         f"{kind} predictions usually mean training diverged "
+                         f"(try a lower learning rate)")
     inverted = (boxes_xyxy[:, 2:] < boxes_xyxy[:, :2]).any(-1)  # (B,)
     if inverted.any():
         row = int(inverted.nonzero()[0])

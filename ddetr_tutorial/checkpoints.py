@@ -21,7 +21,6 @@ from . import __version__
 from .config import Config, build_model
 from .shipped import resolve_checkpoint
 
-
 # ------------------------------------------------------------------------- reading files
 
 @contextlib.contextmanager

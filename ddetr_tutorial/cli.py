@@ -289,7 +289,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="also checkpoint every N steps (default: only at epoch ends)")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept besides the best")
-    p.add_argument("--max-steps", type=int, default=None, help="stop (and checkpoint) after N steps")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop (and checkpoint) after N steps")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=train)
 

@@ -78,7 +78,8 @@ class Config:
     # --- data augmentation: the paper's recipe (short side 480-800, max 1333, crops),
     # or, with image_size set, the same recipe scaled to images of that many pixels
     image_size: int | None = None
-    augment: str = "paper"           # "paper", or "flip": flips only, at image_size (no multi-scale)
+    # "paper", or "flip": flips only, at image_size (no multi-scale)
+    augment: str = "paper"
 
     def __post_init__(self):
         check_config(self)

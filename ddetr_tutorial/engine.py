@@ -25,7 +25,6 @@ from .data import collate_fn as default_collate
 from .losses import total_loss
 from .reproducibility import make_loader, rng_state, seed_everything, set_epoch, set_rng_state
 
-
 # ----------------------------------------------------------------------------- optimizer
 
 def param_groups(model, cfg) -> list[dict]:

@@ -30,7 +30,8 @@ def sigmoid_focal_loss(logits: Tensor, targets_onehot: Tensor, num_boxes: float,
     alpha < 0 and gamma = 0 is plain binary cross-entropy.
     """
     if logits.dim() != 3 or targets_onehot.shape != logits.shape:
-        raise ValueError(f"expected logits and targets_onehot of the same shape (N, Q, num_classes), "
+        raise ValueError(f"expected logits and targets_onehot of the same shape "
+                         f"(N, Q, num_classes), "
                          f"got {tuple(logits.shape)} and {tuple(targets_onehot.shape)}")
     # float32 math: (1 - p_t)^gamma underflows in fp16 long before it matters in fp32.
     logits, targets_onehot = logits.float(), targets_onehot.float()
@@ -137,7 +138,8 @@ class SetCriterion(nn.Module):
         pred_boxes = outputs["pred_boxes"]  # (N, Q, 4)
         image_idx, query_idx = _matched_queries(indices, pred_boxes.device)
         pred_cxcywh = pred_boxes[image_idx, query_idx]  # (T_matched, 4)
-        target_cxcywh = _matched_targets(targets, indices, "boxes", pred_boxes.device).to(pred_cxcywh)
+        target_cxcywh = _matched_targets(targets, indices, "boxes",
+                                         pred_boxes.device).to(pred_cxcywh)
         loss_bbox = F.l1_loss(pred_cxcywh, target_cxcywh, reduction="none").sum() / num_boxes
         giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(pred_cxcywh),
                                           box_cxcywh_to_xyxy(target_cxcywh))

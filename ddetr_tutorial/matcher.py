@@ -130,7 +130,8 @@ class HungarianMatcher(nn.Module):
         cost_giou = -batched_generalized_box_iou(box_cxcywh_to_xyxy(boxes),
                                                  box_cxcywh_to_xyxy(target_cxcywh))
         _check_finite("giou", cost_giou, num_queries, sizes)
-        return self.cost_class * cost_class + self.cost_bbox * cost_bbox + self.cost_giou * cost_giou
+        return (self.cost_class * cost_class + self.cost_bbox * cost_bbox
+                + self.cost_giou * cost_giou)
 
     def _assign(self, cost: Tensor, image: int) -> tuple[Tensor, Tensor]:
         Q, T = cost.shape

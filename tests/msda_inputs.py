@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-
 SHAPES = {
     "one_level": [(8, 8)],
     "four_levels": [(16, 16), (8, 8), (4, 4), (2, 2)],
@@ -34,7 +33,8 @@ def make_inputs(shapes, N=2, Lq=5, M=2, D=8, K=3, dtype=torch.float64, device="c
     L = len(shapes)
     S = sum(h * w for h, w in shapes)
     value = torch.randn(N, S, M, D, generator=g, dtype=torch.float64)
-    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float64)[:, None]  # (L, 1, 2) (W, H)
+    # (L, 1, 2) (W, H)
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float64)[:, None]
     if away_from_edges:
         # Coordinates i + f with i integer in [-2, size] and f in [0.1, 0.9].
         cells = torch.rand(N, Lq, M, L, K, 2, generator=g, dtype=torch.float64)

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from msda_inputs import COMPILED, device_of, level_start_index
 
 from ddetr_tutorial.attention import MSDeformAttn
 from ddetr_tutorial.recording import record_sampling
+from msda_inputs import COMPILED, device_of, level_start_index
 
 SHAPES = [(6, 8), (3, 4), (2, 2), (1, 1)]
 S = sum(h * w for h, w in SHAPES)
@@ -93,7 +93,8 @@ def test_bad_reference_points():
     attn = make_module()
     query, ref, feats, shapes, starts = make_inputs()
     with pytest.raises(ValueError, match=r"reference_points must be \(N, Lq, L, 2\) or "
-                                         r"\(N, Lq, L, 4\) = \(2, 7, 4, 2\|4\), got \(2, 7, 4, 3\)"):
+                                         r"\(N, Lq, L, 4\) = \(2, 7, 4, 2\|4\), "
+                                         r"got \(2, 7, 4, 3\)"):
         attn(query, torch.cat([ref, ref[..., :1]], -1), feats, shapes, starts)
 
 

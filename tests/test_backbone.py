@@ -8,10 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddetr_tutorial.backbone import (Backbone, FrozenBatchNorm2d, Joiner, build_backbone,
-                                     resize_mask, resnet)
+from ddetr_tutorial.backbone import (
+    Backbone,
+    FrozenBatchNorm2d,
+    Joiner,
+    build_backbone,
+    resize_mask,
+    resnet,
+)
 from ddetr_tutorial.position_encoding import PositionEmbeddingSine
 from official import official_keys
+
 
 def official_backbone_shapes():
     """{key: shape} for the backbone.0.body.* lines of the official base model."""

@@ -3,9 +3,15 @@
 import pytest
 import torch
 
-from ddetr_tutorial.box_ops import (batched_generalized_box_iou, box_area, box_cxcywh_to_xyxy,
-                                    box_iou, box_xyxy_to_cxcywh, generalized_box_iou,
-                                    paired_generalized_box_iou)
+from ddetr_tutorial.box_ops import (
+    batched_generalized_box_iou,
+    box_area,
+    box_cxcywh_to_xyxy,
+    box_iou,
+    box_xyxy_to_cxcywh,
+    generalized_box_iou,
+    paired_generalized_box_iou,
+)
 
 # Known GIoU losses (1 - GIoU), the cases torchvision checks:
 #  identical -> 0; a box of a quarter of the area centred inside -> IoU 1/4, enclosing box
@@ -169,7 +175,8 @@ def test_zero_area_boxes_stay_finite_with_finite_gradients():
 
 def test_half_precision_pixel_boxes_do_not_overflow():
     # 300 x 300 pixel boxes: area 90000 > fp16 max (65504); the functions upcast.
-    boxes = torch.tensor([[0.0, 0.0, 300.0, 300.0], [150.0, 0.0, 450.0, 300.0]], dtype=torch.float16)
+    boxes = torch.tensor([[0.0, 0.0, 300.0, 300.0], [150.0, 0.0, 450.0, 300.0]],
+                         dtype=torch.float16)
     iou, union = box_iou(boxes, boxes)
     assert iou.dtype == torch.float32 and torch.isfinite(union).all()
     assert iou[0, 1].item() == pytest.approx(1 / 3, abs=1e-3)

@@ -12,8 +12,14 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ddetr_tutorial.data import (CocoDetection, build_dataset, collate_fn, make_shapes,
-                                 make_transforms, scale_for)
+from ddetr_tutorial.data import (
+    CocoDetection,
+    build_dataset,
+    collate_fn,
+    make_shapes,
+    make_transforms,
+    scale_for,
+)
 from ddetr_tutorial.data import transforms as T
 
 # ----------------------------------------------------------------------------- generator
@@ -220,7 +226,8 @@ def test_unknown_category_id_names_the_annotation(tmp_path):
     (_ann(7, bbox=(1, 2, -3, 4)), r"annotation 7: key 'bbox' has a negative width"),
     (_ann(7, bbox=(1, 2, 3, float("nan"))), r"annotation 7: key 'bbox' contains NaN"),
     (_ann(7, image_id=99), r"annotation 7: key 'image_id' is 99"),
-    ({"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]}, r"annotation entry 1 has no key 'id'"),
+    ({"image_id": 1, "category_id": 3, "bbox": [1, 2, 3, 4]},
+     r"annotation entry 1 has no key 'id'"),
 ])
 def test_malformed_annotation_names_id_and_key(tmp_path, ann, match):
     image_dir, ann_file = _write_coco(tmp_path, [_ann(1), ann])
@@ -417,7 +424,8 @@ def test_train_augmentation_keeps_boxes_valid_and_on_their_pixels():
 
 def test_full_train_and_val_recipes_give_normalized_cxcywh():
     generator = torch.Generator().manual_seed(1)
-    train, val = make_transforms("train", **scale_for(128)), make_transforms("val", **scale_for(128))
+    train, val = (make_transforms("train", **scale_for(128)),
+                  make_transforms("val", **scale_for(128)))
     for seed in range(40):
         image, target = _random_scene(generator)
         torch.manual_seed(seed)

@@ -12,8 +12,14 @@ import torch
 from torch.utils.cpp_extension import get_default_build_root
 
 from ddetr_tutorial import cli
-from ddetr_tutorial.ops import (BuildError, custom_op, functions, loader, ms_deform_attn,
-                                ms_deform_attn_pytorch)
+from ddetr_tutorial.ops import (
+    BuildError,
+    custom_op,
+    functions,
+    loader,
+    ms_deform_attn,
+    ms_deform_attn_pytorch,
+)
 from msda_inputs import SHAPES, make_inputs
 
 

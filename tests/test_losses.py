@@ -6,15 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddetr_tutorial.losses import (SetCriterion, average_num_boxes, sigmoid_focal_loss, total_loss,
-                                   weight_dict)
+from ddetr_tutorial.losses import (
+    SetCriterion,
+    average_num_boxes,
+    sigmoid_focal_loss,
+    total_loss,
+    weight_dict,
+)
 from ddetr_tutorial.matcher import HungarianMatcher
 
 C = 4  # classes
 
 
 def make_criterion(**kw):
-    return SetCriterion(C, HungarianMatcher(), weight_dict(num_decoder_layers=3, two_stage=True), **kw)
+    return SetCriterion(C, HungarianMatcher(), weight_dict(num_decoder_layers=3, two_stage=True),
+                        **kw)
 
 
 def make_outputs(N=2, Q=6, seed=0, aux=0, enc=False):
@@ -59,7 +65,8 @@ def test_focal_loss_known_values():
     per_query = [0.25 / 4 * math.log(2), 0.75 / 4 * math.log(2),
                  0.25 / 16 * math.log(4 / 3), 0.75 * 9 / 16 * math.log(4)]
     expected = sum(per_query) / 4 / 2  # mean over Q = 4, num_boxes = 2
-    assert sigmoid_focal_loss(logits, onehot, num_boxes=2).item() == pytest.approx(expected, rel=1e-6)
+    assert (sigmoid_focal_loss(logits, onehot, num_boxes=2).item()
+            == pytest.approx(expected, rel=1e-6))
 
 
 def test_focal_loss_shape_mismatch_is_a_value_error():
@@ -185,7 +192,8 @@ def test_encoder_loss_is_class_agnostic():
     targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2],
                                                                       [0.7, 0.6, 0.3, 0.4]])}]
     outputs = perfect_outputs(targets)
-    enc = perfect_outputs([{"labels": torch.zeros(2, dtype=torch.int64), "boxes": targets[0]["boxes"]}])
+    enc = perfect_outputs([{"labels": torch.zeros(2, dtype=torch.int64),
+                            "boxes": targets[0]["boxes"]}])
     losses = make_criterion()({**outputs, "enc_outputs": enc}, targets)
     assert losses["loss_ce_enc"].item() < 1e-6 and losses["loss_giou_enc"].item() < 1e-6
 
@@ -232,7 +240,8 @@ def test_average_num_boxes_in_a_process_group(tmp_path):
     import torch.distributed as dist
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
     try:
         assert average_num_boxes(make_targets([3, 2])) == 5.0
         assert average_num_boxes(make_targets([0])) == 1.0

@@ -176,7 +176,8 @@ def test_wrong_number_of_targets_and_bad_shapes():
     with pytest.raises(ValueError, match="1 target dicts for a batch of 2"):
         HungarianMatcher()(outputs, targets[:1])
     targets[0]["boxes"] = targets[0]["boxes"][:2]
-    with pytest.raises(ValueError, match=r"targets\[0\] must have labels \(T,\) and boxes \(T, 4\)"):
+    with pytest.raises(ValueError,
+                       match=r"targets\[0\] must have labels \(T,\) and boxes \(T, 4\)"):
         HungarianMatcher()(outputs, targets)
 
 
@@ -193,7 +194,8 @@ def test_all_zero_or_negative_weights_are_rejected():
 def test_non_finite_outputs_name_the_term_and_image(key, value, term):
     outputs, targets = random_problem((4, [2, 3, 1]), seed=0)
     outputs[key][1, 2, 0] = value
-    with pytest.raises(FloatingPointError, match=f"'{term}' matching cost is not finite for image 1"):
+    with pytest.raises(FloatingPointError,
+                       match=f"'{term}' matching cost is not finite for image 1"):
         HungarianMatcher()(outputs, targets)
 
 

@@ -3,12 +3,12 @@
 
 import pytest
 import torch
-from official import PRESET_KEYS, official_keys
 
 from ddetr_tutorial.config import build_model, get_config
 from ddetr_tutorial.losses import total_loss
 from ddetr_tutorial.model import PostProcess
 from ddetr_tutorial.recording import record_sampling
+from official import PRESET_KEYS, official_keys
 
 OFFICIAL = PRESET_KEYS
 PLAIN = {"with_box_refine": False, "two_stage": False}  # the tiny preset has both on

@@ -69,8 +69,8 @@ def test_gradcheck_float64(backend, D):
                                                away_from_edges=True)
     inputs = tuple(t.requires_grad_() for t in (value, loc, attn))
 
-    def op(v, l, a):
-        return ms_deform_attn(v, ss, starts, l, a, backend=backend)
+    def op(v, lvl, a):
+        return ms_deform_attn(v, ss, starts, lvl, a, backend=backend)
 
     # CUDA scatters grad_value with atomics: sums may differ in the last bit
     # between the two backward calls that gradcheck compares.

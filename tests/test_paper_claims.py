@@ -10,7 +10,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import paper_claims  # noqa: E402
-
 from ddetr_tutorial.data import make_shapes  # noqa: E402
 
 

@@ -11,8 +11,13 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch.utils._pytree import tree_leaves
 
 from ddetr_tutorial.config import build_model, get_config
-from ddetr_tutorial.transformer import (DeformableDecoder, DeformableEncoder,
-                                        DeformableTransformer, inverse_sigmoid, valid_ratios)
+from ddetr_tutorial.transformer import (
+    DeformableDecoder,
+    DeformableEncoder,
+    DeformableTransformer,
+    inverse_sigmoid,
+    valid_ratios,
+)
 
 
 def padding_mask(N, H, W, valid):

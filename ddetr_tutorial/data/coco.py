@@ -114,7 +114,8 @@ class CocoDetection(torch.utils.data.Dataset):
         message = (f"{self.ann_file.name}: {len(self)} images, {num_boxes} training boxes, "
                    f"{self.num_crowd} crowd annotations left out of the targets "
                    f"(kept for evaluation), "
-                   f"{len(self.dropped_ann_ids)} zero-area boxes dropped after clamping to the image")
+                   f"{len(self.dropped_ann_ids)} zero-area boxes dropped "
+                   f"after clamping to the image")
         if self.dropped_ann_ids:
             logger.warning(message + f" (annotation ids {self.dropped_ann_ids[:10]}"
                            + (" ...)" if len(self.dropped_ann_ids) > 10 else ")"))
@@ -246,7 +247,8 @@ def _check_bbox(bbox, name: str) -> None:
 
 
 def _build_coco(data: dict) -> COCO:
-    """A pycocotools COCO index over already-checked data (COCOeval needs `info` in some versions)."""
+    """A pycocotools COCO index over already-checked data (COCOeval needs `info` in some
+    versions)."""
     data.setdefault("info", {})
     data.setdefault("licenses", [])
     coco = COCO()

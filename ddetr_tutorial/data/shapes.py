@@ -155,7 +155,8 @@ def render_image(rng: np.random.Generator, size: int, min_objects: int = 1,
 
 
 def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Plain or gradient colour, maybe lightly noisy -> (mean (3,), pixels (size, size, 3) uint8)."""
+    """Plain or gradient colour, maybe lightly noisy -> (mean (3,), pixels (size, size, 3)
+    uint8)."""
     # Keep the mean far enough from 0 and 255 that gradient + noise never clip: the
     # background then stays exactly "mean + linear ramp + noise", which tests rely on.
     edge = GRADIENT_DELTA + NOISE_AMPLITUDE
@@ -183,7 +184,8 @@ def _sample_extents(rng: np.random.Generator, size: int, count: int) -> list:
 
 def _place(rng, kind: int, extent: float, size: int, owner: np.ndarray,
            painted: np.ndarray, visible: np.ndarray) -> np.ndarray | None:
-    """Find a position where each earlier shape keeps MIN_VISIBLE of its pixels -> bool mask or None.
+    """Find a position where each earlier shape keeps MIN_VISIBLE of its pixels -> bool mask or
+    None.
 
     painted, visible: (n,) pixel counts of the earlier shapes, as drawn and as showing now.
     """

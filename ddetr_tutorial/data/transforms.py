@@ -40,7 +40,8 @@ def _rand_int(low: int, high: int) -> int:
 
 
 def _with(target: dict | None, **changes) -> dict | None:
-    """A shallow copy of `target` with some entries replaced (transforms never mutate their input)."""
+    """A shallow copy of `target` with some entries replaced (transforms never mutate their
+    input)."""
     return None if target is None else {**target, **changes}
 
 
@@ -68,7 +69,8 @@ def hflip(image: Image.Image, target: dict | None):
     return flipped, _with(target, boxes=torch.stack([width - x1, y0, width - x0, y1], dim=-1))
 
 
-def resized_size(width: int, height: int, short: int, max_size: int | None = None) -> tuple[int, int]:
+def resized_size(width: int, height: int, short: int,
+                 max_size: int | None = None) -> tuple[int, int]:
     """(new_width, new_height) with the short side `short`, shrunk so the long side <= max_size."""
     scale = short / min(width, height)
     if max_size is not None and max(width, height) * scale > max_size:
@@ -177,7 +179,8 @@ class RandomSizeCrop:
     """
 
     def __init__(self, min_size: int, max_size: int):
-        if not (isinstance(min_size, int) and isinstance(max_size, int) and 1 <= min_size <= max_size):
+        if not (isinstance(min_size, int) and isinstance(max_size, int)
+                and 1 <= min_size <= max_size):
             raise ValueError(f"need ints 1 <= min_size <= max_size, got {min_size!r}, {max_size!r}")
         self.min_size, self.max_size = min_size, max_size
 
@@ -234,7 +237,8 @@ class Normalize:
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)  # (3, 1, 1)
 
     def __call__(self, image, target=None):
-        if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != self.mean.shape[0]:
+        if (not isinstance(image, Tensor) or image.dim() != 3
+                or image.shape[0] != self.mean.shape[0]):
             got = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
             raise TypeError(f"Normalize expects a ({self.mean.shape[0]}, H, W) tensor "
                             f"(put ToTensor first), got {got}")

@@ -6,8 +6,7 @@ the backend.
 """
 
 from . import custom_op, loader
-from .functions import (BACKEND_CHOICES, check_inputs, level_tensors, ms_deform_attn,
-                        resolve_backend)
+from .functions import BACKEND_CHOICES, check_inputs, level_tensors, ms_deform_attn, resolve_backend
 from .loader import BuildError
 from .reference import ms_deform_attn_loops, ms_deform_attn_pytorch
 

@@ -2,7 +2,8 @@
 
 Paper, Eq. 3: for query q with reference point p_q,
 
-    MSDeformAttn(z_q, p_q, {x_l}) = sum_m W_m [ sum_l sum_k A_mlqk * W'_m x_l(phi_l(p_q) + dp_mlqk) ]
+    MSDeformAttn(z_q, p_q, {x_l}) =
+        sum_m W_m [ sum_l sum_k A_mlqk * W'_m x_l(phi_l(p_q) + dp_mlqk) ]
 
 This file computes the bracket for every head m, given the sampling locations
 phi_l(p_q) + dp_mlqk (normalized to [0, 1]) and the attention weights A_mlqk.

@@ -26,11 +26,28 @@ checks), `figures` (the plots), `explorer` (the widget app).
 """
 
 from .explorer import STATE_KEYS, SamplingExplorer, explorer_figure, resolve_state
-from .figures import (HEAD_COLOURS, PALETTE, QUERY_COLOUR, attention_heatmap, draw_detections,
-                      head_colours, plot_attention_heatmap, plot_hungarian, plot_refinement,
-                      plot_sampling_layers, plot_sampling_points)
-from .queries import (KINDS, boxes_to_pixels, default_query, encoder_query, query_points,
-                      to_pixels, token_level)
+from .figures import (
+                      HEAD_COLOURS,
+                      PALETTE,
+                      QUERY_COLOUR,
+                      attention_heatmap,
+                      draw_detections,
+                      head_colours,
+                      plot_attention_heatmap,
+                      plot_hungarian,
+                      plot_refinement,
+                      plot_sampling_layers,
+                      plot_sampling_points,
+)
+from .queries import (
+                      KINDS,
+                      boxes_to_pixels,
+                      default_query,
+                      encoder_query,
+                      query_points,
+                      to_pixels,
+                      token_level,
+)
 from .sampling import sampling_data
 
 __all__ = [

@@ -11,8 +11,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from .figures import (_box, _class_name, _draw_query, _new_figure, _query_title,
-                      _resolve_query, _show_image, head_colours)
+from .figures import (
+    _box,
+    _class_name,
+    _draw_query,
+    _new_figure,
+    _query_title,
+    _resolve_query,
+    _show_image,
+    head_colours,
+)
 from .queries import KINDS, _check_index, _check_kind, _layer, boxes_to_pixels, query_points
 from .sampling import sampling_data
 

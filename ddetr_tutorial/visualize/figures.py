@@ -14,8 +14,16 @@ from matplotlib.colors import to_rgba
 from matplotlib.patches import Rectangle
 
 from ..box_ops import box_iou
-from .queries import (_check_index, _check_kind, _layer, _selection, boxes_to_pixels,
-                      encoder_query, query_points, to_pixels)
+from .queries import (
+    _check_index,
+    _check_kind,
+    _layer,
+    _selection,
+    boxes_to_pixels,
+    encoder_query,
+    query_points,
+    to_pixels,
+)
 
 PALETTE = plt.get_cmap("tab10")
 # Heads get distinct colours that avoid green, the colour of the query's own
