@@ -26,6 +26,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch.utils import cpp_extension
 
 from . import custom_op
 
@@ -66,10 +67,8 @@ def extensions_root() -> Path:
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root:
         return Path(root).expanduser()
-    from torch.utils.cpp_extension import get_default_build_root
-
     # Our folder names carry the full version key, so one folder serves all builds.
-    return Path(get_default_build_root())
+    return Path(cpp_extension.get_default_build_root())
 
 
 def build_key(backend: str) -> str:
@@ -117,13 +116,11 @@ def load_extension(backend: str) -> ModuleType:
 def _build(backend: str) -> ModuleType:
     if backend == "cuda" and torch.version.cuda is None:
         raise BuildError("cuda", f"this torch ({torch.__version__}) was built without CUDA", None)
-    from torch.utils.cpp_extension import load
-
     folder = build_directory(backend)
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "build.log"
     try:
-        module = load(
+        module = cpp_extension.load(
             name=folder.name,
             sources=[str(CSRC / s) for s in SOURCES[backend]],
             # copies: load() appends to the lists it is given
