@@ -5,7 +5,6 @@ import dataclasses
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,9 @@ import pytest
 from ddetr_tutorial import cli
 from ddetr_tutorial.checkpoints import read_training_state
 from ddetr_tutorial.config import CHOICES, PRESETS, RANGES, Config, get_config
+from ddetr_tutorial.shipped import shipped_checkpoint
 
-SHIPPED = Path(__file__).resolve().parents[1] / "data" / "tiny_shapes.pth"
+SHIPPED = shipped_checkpoint("tiny_shapes")
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
