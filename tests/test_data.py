@@ -304,12 +304,17 @@ def test_boxes_clamped_and_empty_ones_dropped_once_logged(tmp_path, caplog):
 def test_missing_or_mismatched_image_file(tmp_path):
     image_dir, ann_file = _write_coco(tmp_path, [_ann(1)])
     os.remove(image_dir / "2.png")
-    dataset = CocoDetection(image_dir, ann_file)
-    with pytest.raises(FileNotFoundError) as info:
-        dataset[1]
+    with pytest.raises(FileNotFoundError) as info:  # at build, not at the first read
+        CocoDetection(image_dir, ann_file)
     assert str((image_dir / "2.png").resolve()) in str(info.value)
+    assert "image 2" in str(info.value) and str(ann_file) in str(info.value)
     Image.new("RGB", (30, 20)).save(image_dir / "2.png")
-    with pytest.raises(ValueError, match=r"is 30x20 .* says 64x48 for image 2"):
+    with pytest.raises(ValueError, match=r"is 30x20 .* image 2 of .* says 64x48"):
+        CocoDetection(image_dir, ann_file)
+    Image.new("RGB", (64, 48)).save(image_dir / "2.png")
+    dataset = CocoDetection(image_dir, ann_file)
+    os.remove(image_dir / "2.png")  # deleted after the build: the read still names it
+    with pytest.raises(FileNotFoundError, match=r"image 2 of .*: no file"):
         dataset[1]
 
 

@@ -8,8 +8,9 @@ float32 (n, 4) cxcywh normalized to the unpadded image, `image_id`,
 
 from .coco import CocoDetection, build_dataset
 from .collate import collate_fn
+from .image_files import read_rgb
 from .shapes import make_shapes
 from .transforms import make_transforms, scale_for
 
 __all__ = ["CocoDetection", "build_dataset", "collate_fn", "make_shapes", "make_transforms",
-           "scale_for"]
+           "read_rgb", "scale_for"]

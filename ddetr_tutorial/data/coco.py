@@ -1,8 +1,10 @@
 """COCO-format detection dataset: any instances.json + image folder -> (image, target).
 
-The annotation file is checked once, when the dataset is built, so a broken
-file fails with a message naming the annotation and key instead of a
-KeyError or a NaN loss hours later (DETR #459). Category ids map to
+The annotation file is checked completely once, when the dataset is built,
+and so is each image file's header (existence, format, size; pixels are not
+decoded, so 10,000 images take about a second). A broken file fails with a
+ValueError naming the file and the image or annotation id instead of a
+KeyError or a NaN loss an epoch later (DETR #459). Category ids map to
 contiguous labels explicitly: label = position in `category_ids`, and COCO's
 ids have gaps (1..90 for 80 classes). Crowd regions (iscrowd=1) are left out
 of the training targets, as in DETR; they stay in `.coco`, the pycocotools
@@ -19,6 +21,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+from .image_files import check_header, read_rgb
 from .transforms import Compose, Normalize, ToTensor
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,7 @@ class CocoDetection(torch.utils.data.Dataset):
         _check_annotations(data.setdefault("annotations", []), images, self.label_of, where)
         self.coco = _build_coco(data)
         self.ids = sorted(self.coco.imgs)  # index -> image id
+        _check_image_files(self.image_dir, [images[i] for i in self.ids], where)
         self._targets = {}  # image id -> (boxes_xyxy (n, 4) float32, labels (n,) int64)
         self.num_crowd, self.dropped_ann_ids = 0, []
         for image_id in self.ids:
@@ -125,13 +130,9 @@ class CocoDetection(torch.utils.data.Dataset):
     def _load_image(self, image_id: int) -> Image.Image:
         info = self.coco.imgs[image_id]
         path = os.path.abspath(self.image_dir / info["file_name"])
-        if not os.path.isfile(path):
+        if not os.path.isfile(path):  # checked at build; deleted since?
             raise FileNotFoundError(f"image {image_id} of {self.ann_file}: no file {path}")
-        with Image.open(path) as image:
-            # Palette images with transparency warn unless they go through RGBA.
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")
-            image = image.convert("RGB")  # grayscale, RGBA, CMYK, ... -> RGB (alpha dropped)
+        image = read_rgb(path, f"image {image_id} of {self.ann_file}")
         if (image.width, image.height) != (info["width"], info["height"]):
             raise ValueError(f"{path} is {image.width}x{image.height} (w x h) but {self.ann_file} "
                              f"says {info['width']}x{info['height']} for image {image_id}")
@@ -151,8 +152,15 @@ def build_dataset(root, split: str, transforms=None, category_ids=None) -> CocoD
 def _read_json(ann_file: Path) -> dict:
     if not ann_file.is_file():
         raise FileNotFoundError(f"no annotation file {os.path.abspath(ann_file)}")
-    with open(ann_file) as f:
-        data = json.load(f)
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{ann_file} is not valid JSON: {error.msg} at line {error.lineno} "
+                         f"column {error.colno}") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{ann_file} is not a UTF-8 JSON text file ({error.reason} at byte "
+                         f"{error.start})") from error
     if not isinstance(data, dict):
         raise ValueError(f"{ann_file}: a COCO file is a JSON object, got {type(data).__name__}")
     return data
@@ -166,9 +174,19 @@ def _check_images(data: dict, where: str) -> dict:
     for position, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image:
             raise ValueError(f"{where}: image entry {position} has no key 'id'")
+        if not _is_int(image["id"]):
+            raise ValueError(f"{where}: image entry {position}: key 'id' is {image['id']!r}, "
+                             "expected an integer (COCOeval and the batches use integer ids)")
         for key in ("file_name", "height", "width"):
             if key not in image:
                 raise ValueError(f"{where}: image {image['id']}: missing key '{key}'")
+        if not isinstance(image["file_name"], str) or not image["file_name"]:
+            raise ValueError(f"{where}: image {image['id']}: key 'file_name' is "
+                             f"{image['file_name']!r}, expected a non-empty path string")
+        for key in ("height", "width"):
+            if not _is_int(image[key]) or image[key] <= 0:
+                raise ValueError(f"{where}: image {image['id']}: key '{key}' is {image[key]!r}, "
+                                 "expected a positive integer (pixels)")
         if image["id"] in images:
             raise ValueError(f"{where}: image id {image['id']} appears twice")
         images[image["id"]] = image
@@ -179,11 +197,23 @@ def _check_categories(data: dict, where: str) -> dict:
     """-> {category id: name}."""
     if not isinstance(data.get("categories"), list):
         raise ValueError(f"{where}: missing or malformed key 'categories' (a list of {{id, name}})")
+    if not data["categories"]:
+        raise ValueError(f"{where}: key 'categories' is empty; a detector needs at least one "
+                         "category {id, name}")
     categories = {}
     for position, category in enumerate(data["categories"]):
         if not isinstance(category, dict) or "id" not in category:
             raise ValueError(f"{where}: category entry {position} has no key 'id'")
-        categories[category["id"]] = category.get("name", str(category["id"]))
+        cid = category["id"]
+        if not _is_int(cid):
+            raise ValueError(f"{where}: category entry {position}: key 'id' is {cid!r}, "
+                             "expected an integer")
+        if cid in categories:
+            raise ValueError(f"{where}: category id {cid} appears twice")
+        name = category.get("name", str(cid))
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: category {cid}: key 'name' is {name!r}, expected a string")
+        categories[cid] = name
     return categories
 
 
@@ -192,6 +222,9 @@ def _label_order(categories: dict, category_ids, where: str) -> list:
     if category_ids is None:
         return sorted(categories)
     category_ids = list(category_ids)
+    if not category_ids or not all(_is_int(cid) for cid in category_ids):
+        raise ValueError(f"category_ids must be a non-empty list of integer category ids, "
+                         f"got {category_ids!r}")
     if len(set(category_ids)) != len(category_ids):
         raise ValueError(f"category_ids has duplicates: {category_ids}")
     unknown = [cid for cid in category_ids if cid not in categories]
@@ -212,6 +245,9 @@ def _check_annotations(annotations, images: dict, label_of: dict, where: str) ->
     for position, ann in enumerate(annotations):
         if not isinstance(ann, dict) or "id" not in ann:
             raise ValueError(f"{where}: annotation entry {position} has no key 'id'")
+        if not _is_int(ann["id"]):
+            raise ValueError(f"{where}: annotation entry {position}: key 'id' is {ann['id']!r}, "
+                             "expected an integer (COCOeval matches annotations by id)")
         name = f"{where}: annotation {ann['id']}"
         if ann["id"] in seen:
             raise ValueError(f"{name}: id appears twice")
@@ -226,6 +262,7 @@ def _check_annotations(annotations, images: dict, label_of: dict, where: str) ->
             raise ValueError(f"{name}: key 'category_id' is {ann['category_id']!r}, an unknown "
                              f"category id (known ids: {sorted(label_of)})")
         _check_bbox(ann["bbox"], name)
+        _check_optional(ann, name)
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
     if 0 in seen:
@@ -244,6 +281,39 @@ def _check_bbox(bbox, name: str) -> None:
     if bbox[2] < 0 or bbox[3] < 0:
         raise ValueError(f"{name}: key 'bbox' has a negative width or height: {bbox!r} "
                          "(COCO boxes are [x, y, w, h], not corners)")
+
+
+def _check_optional(ann: dict, name: str) -> None:
+    """iscrowd, if given, is 0/1; area, if given, a finite number >= 0 (COCOeval reads both)."""
+    if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):
+        raise ValueError(f"{name}: key 'iscrowd' is {ann['iscrowd']!r}, expected 0 or 1")
+    if "area" in ann:
+        area = ann["area"]
+        if (not isinstance(area, (int, float)) or isinstance(area, bool)
+                or not math.isfinite(area) or area < 0):
+            raise ValueError(f"{name}: key 'area' is {area!r}, expected a finite number >= 0")
+
+
+def _check_image_files(image_dir: Path, images: list, where: str) -> None:
+    """Each image entry's file exists and its header is a readable image of the stated size."""
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"no image folder {os.path.abspath(image_dir)} "
+                                f"(the images of {where})")
+    missing = []
+    for image in images:
+        path = os.path.abspath(image_dir / image["file_name"])
+        if not os.path.isfile(path):
+            missing.append(f"image {image['id']} ({path})")
+            continue
+        check_header(path, f"image {image['id']} of {where}", image["width"], image["height"])
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(images)} images of {where} have no "
+                                f"file: " + ", ".join(missing[:5])
+                                + (", ..." if len(missing) > 5 else ""))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _build_coco(data: dict) -> COCO:
