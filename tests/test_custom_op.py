@@ -60,6 +60,20 @@ def test_double_backward_is_an_error():
         grad_loc.sum().backward()
 
 
+def test_hessian_through_the_cpu_kernel_is_an_error():
+    """Second derivatives are not silently zero: the Hessian of a loss in the sampling
+    locations, non-zero by the reference, raises through the compiled kernel."""
+    value, ss, starts, loc, attn = make_inputs(SHAPES["non_square"], N=1, Lq=2, M=1, D=2, K=1)
+
+    def loss(locations, backend="cpu"):
+        return (ms_deform_attn(value, ss, starts, locations, attn, backend=backend) ** 2).sum()
+
+    true = torch.autograd.functional.hessian(lambda x: loss(x, "pytorch"), loc)
+    assert true.abs().max() > 0  # the reference's Hessian, what zeros would hide
+    with pytest.raises(RuntimeError, match="ms_deform_attn is differentiable once"):
+        torch.autograd.functional.hessian(loss, loc.detach().clone())
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_opcheck(backend, dtype):

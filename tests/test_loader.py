@@ -1,9 +1,12 @@
 """The JIT loader: lazy, cached by content, one warning on failure, strict mode."""
 
+import fcntl
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -171,3 +174,115 @@ def test_auto_uses_the_reference_for_half_on_cpu(monkeypatch):
     monkeypatch.delenv("DDETR_BACKEND", raising=False)
     assert functions.resolve_backend("auto", torch.zeros(1, dtype=torch.bfloat16)) == "pytorch"
     assert functions.resolve_backend("auto", torch.zeros(1)) == "cpu"
+
+
+# What a killed or failed build leaves behind (issue 14, section 2, items 1, 8, 9).
+
+LOAD_AND_RUN = (
+    "import torch\n"
+    "from ddetr_tutorial.ops import loader, ms_deform_attn, ms_deform_attn_pytorch\n"
+    "from msda_inputs import SHAPES, make_inputs\n"
+    "loader.load_extension('cpu')\n"
+    "args = make_inputs(SHAPES['four_levels'], dtype=torch.float64)\n"
+    "torch.testing.assert_close(ms_deform_attn(*args, backend='cpu'),\n"
+    "                           ms_deform_attn_pytorch(*args))\n"
+)
+
+
+@pytest.fixture(scope="module")
+def built_cpu_folder():
+    """The cpu build of this checkout (built once, in the default extension root)."""
+    loader.load_extension("cpu")
+    return loader.build_directory("cpu")
+
+
+@pytest.fixture
+def copied_build(built_cpu_folder, tmp_path):
+    """A private copy of the finished build (mtimes kept, so nothing recompiles) under
+    a fresh TORCH_EXTENSIONS_DIR; returns that root and the copied build folder."""
+    root = tmp_path / "extensions"
+    folder = root / built_cpu_folder.name
+    shutil.copytree(built_cpu_folder, folder, ignore=shutil.ignore_patterns("lock"))
+    return root, folder
+
+
+def run_in_subprocess(code, extensions_root, timeout):
+    """Run `code` in a new process on `extensions_root`; a hang fails by the timeout."""
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions_root),
+               PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    env.pop("DDETR_BACKEND", None)
+    return subprocess.run([sys.executable, "-c", code], env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def test_a_stale_torch_lock_is_removed_not_waited_on(copied_build):
+    """A build killed mid-compile leaves torch's `lock`; torch's load() would wait on
+    it forever. The next load removes it, says so in one line, and loads."""
+    root, folder = copied_build
+    (folder / "lock").touch()
+    done = run_in_subprocess(LOAD_AND_RUN, root, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert f"removed the stale build lock {folder / 'lock'}" in done.stderr
+    assert not (folder / "lock").exists()
+
+
+def test_a_live_builder_is_waited_for_a_bounded_time(fresh_loader, monkeypatch):
+    """Another live builder holds build.flock: wait DDETR_BUILD_WAIT seconds, then a
+    BuildError naming the folder and the lock (no silent endless wait)."""
+    monkeypatch.setenv("DDETR_BUILD_WAIT", "0.5")
+    folder = loader.build_directory("cpu")
+    folder.mkdir(parents=True)
+    with open(folder / loader.FLOCK_NAME, "w") as other_builder:
+        fcntl.flock(other_builder, fcntl.LOCK_EX)
+        start = time.monotonic()
+        with pytest.raises(BuildError, match=f"another process has been building in "
+                                             f"{folder} for over 0 s"):
+            loader.load_extension("cpu")
+        assert time.monotonic() - start < 30
+    monkeypatch.setenv("DDETR_BUILD_WAIT", "soon")
+    monkeypatch.setattr(loader, "_failures", {})
+    with pytest.raises(ValueError, match="DDETR_BUILD_WAIT must be a positive number .*'soon'"):
+        loader.load_extension("cpu")
+
+
+def test_a_truncated_library_is_relinked_not_mapped(copied_build):
+    """A truncated cached .so (killed link, full disk) would die of SIGBUS when mapped:
+    it fails its stamp, is deleted and relinked, and the kernel runs."""
+    root, folder = copied_build
+    library = folder / f"{folder.name}.so"
+    size = library.stat().st_size
+    with open(library, "r+b") as f:
+        f.truncate(size // 2)
+    done = run_in_subprocess(LOAD_AND_RUN, root, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr)  # -7 would be SIGBUS
+    stamp = json.loads((folder / loader.STAMP_NAME).read_text())
+    assert stamp == loader._library_record(library) and stamp["size"] == size
+
+
+@pytest.mark.parametrize("how", ["a file in the path", "permission denied"])
+def test_an_unwritable_extensions_dir_falls_back_or_names_the_folder(fresh_loader, monkeypatch,
+                                                                     how):
+    """`auto` falls back to the reference with its one warning; an explicit backend
+    raises a BuildError naming the folder (not an OSError from mkdir or the log)."""
+    if how == "a file in the path":
+        (fresh_loader / "a_file").write_text("")
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(fresh_loader / "a_file" / "extensions"))
+    else:  # what a read-only folder gives a non-root user (the tests may run as root)
+        def refuse(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(self))
+        monkeypatch.setattr(Path, "mkdir", refuse)
+    folder = loader.build_directory("cpu")
+    args = make_inputs(SHAPES["four_levels"], dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = ms_deform_attn(*args)
+        ms_deform_attn(*args)
+    ours = [str(w.message) for w in caught if "did not build" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert f"cannot write the build folder {folder}" in ours[0]
+    assert "Falling back to the pytorch reference" in ours[0]
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(*args), rtol=0, atol=0)
+    monkeypatch.setattr(loader, "_failures", {})
+    with pytest.raises(BuildError, match=f"cannot write the build folder {folder}"):
+        ms_deform_attn(*args, backend="cpu")
