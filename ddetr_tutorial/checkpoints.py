@@ -43,18 +43,29 @@ def _namespace_allowed():
             ser.add_safe_globals(kept)
 
 
+class NotACheckpointError(ValueError):
+    """The file is empty, truncated, or not a torch file at all."""
+
+
+def _not_a_checkpoint(path, err) -> NotACheckpointError:
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    detail = str(err).split(". ")[0].splitlines()[0][:100] if str(err).strip() else ""
+    return NotACheckpointError(f"{os.fspath(path)} is not a checkpoint (truncated? {size} "
+                               f"bytes; torch.load: {type(err).__name__}"
+                               + (f": {detail})" if detail else ")"))
+
+
 def read_torch_file(path) -> object:
     """torch.load on the CPU with weights_only=True; argparse.Namespace is allowed,
-    any other pickled object is refused with an error naming it."""
+    any other pickled object is refused with an error naming it. An empty,
+    truncated or non-torch file raises NotACheckpointError with its size."""
     try:
         with _namespace_allowed():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if wanted is None:
-            raise pickle.UnpicklingError(
-                f"could not read {os.fspath(path)!r} as a weights-only torch checkpoint: {err}"
-            ) from err
+        if wanted is None:  # not a pickle torch can read: garbage, not a refused object
+            raise _not_a_checkpoint(path, err) from err
         name = wanted.group(1)
         # Never retry with weights_only=False ourselves: that would run the file's code.
         raise pickle.UnpicklingError(
@@ -63,6 +74,10 @@ def read_torch_file(path) -> object:
             f"allow that global for the call: `with torch.serialization.safe_globals([{name}]): "
             f"...load...`, or load it yourself with torch.load(path, weights_only=False) and "
             f"pass the state dict instead of the path.") from err
+    except (EOFError, RuntimeError, KeyError, ValueError, IndexError, TypeError) as err:
+        # What torch raises for an empty file (EOFError), a cut zip archive
+        # (RuntimeError), or text / other bytes read as a legacy pickle (KeyError ...).
+        raise _not_a_checkpoint(path, err) from err
 
 
 # ------------------------------------------------------------------ training checkpoints
@@ -85,12 +100,20 @@ def training_state(model, optimizer, scheduler, scaler, cfg, epoch: int, step_in
     }
 
 
+TEMP_PATTERNS = (".checkpoint_*.pth.*.tmp", ".best.pth.*.tmp")
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def save_checkpoint(state: dict, path) -> Path:
     """Write atomically: a temporary file in the same folder, flushed to disk, then
-    renamed over `path`. A crash at any point leaves the previous file intact."""
+    renamed over `path`. A crash at any point leaves the previous file intact
+    (a killed process leaves its temporary file; `remove_stale_temp_files`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -109,15 +132,58 @@ def save_checkpoint(state: dict, path) -> Path:
     return path
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temp_files(out_dir) -> list[Path]:
+    """Delete the temporary files of `save_checkpoint` in `out_dir` whose writer is
+    gone (killed mid-write); a live process's file, and any other file, is kept."""
+    removed = []
+    for pattern in TEMP_PATTERNS:
+        for tmp in Path(out_dir).glob(pattern):
+            pid = tmp.name.rsplit(".", 2)[-2]  # .<name>.<pid>.tmp
+            if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def saved_best_ap(path):
+    """The `best_ap` recorded in the checkpoint at `path`, or None if there is none
+    (read memory-mapped: the weights are not loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with _namespace_allowed():
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable: a new best.pth will replace it
+        return None
+    return state.get("best_ap") if isinstance(state, dict) else None
+
+
 class CheckpointManager:
     """Keeps `checkpoint_<step>.pth` for the last `keep_last` saves, and `best.pth`
-    for the highest AP seen (never deleted by the rotation)."""
+    for the highest AP seen (never deleted by the rotation). best.pth's `best_ap`
+    is the AP of its own weights. `best_ap`: the AP best.pth holds already (a resumed
+    run), which a later epoch must beat to replace it."""
 
-    def __init__(self, out_dir, keep_last: int = 2):
+    def __init__(self, out_dir, keep_last: int = 2, best_ap=None):
         if keep_last < 1:
             raise ValueError(f"keep_last must be at least 1, got {keep_last}")
         self.out_dir, self.keep_last = Path(out_dir), keep_last
-        self.best_ap = None
+        self.best_ap = best_ap
+        if self.out_dir.is_dir():
+            remove_stale_temp_files(self.out_dir)
 
     def save(self, state: dict, step: int, ap=None) -> Path:
         path = save_checkpoint(state, self.out_dir / f"checkpoint_{step:08d}.pth")
@@ -125,7 +191,7 @@ class CheckpointManager:
             old.unlink()
         if ap is not None and (self.best_ap is None or ap > self.best_ap):
             self.best_ap = ap
-            save_checkpoint(state, self.out_dir / "best.pth")
+            save_checkpoint({**state, "best_ap": ap}, self.out_dir / "best.pth")
         return path
 
 
@@ -141,6 +207,9 @@ def read_training_state(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     state = read_torch_file(path)
+    if not isinstance(state, dict):
+        raise NotACheckpointError(f"{path} is not a checkpoint (it holds a "
+                                  f"{type(state).__name__}, not a dict)")
     missing = [k for k in ("model", "config", "epoch", "step") if k not in state]
     if missing:
         raise ValueError(f"{path} is not a training checkpoint of this package (it lacks "
@@ -148,10 +217,9 @@ def read_training_state(path) -> dict:
     return state
 
 
-def load_training_state(path, model, optimizer=None, scheduler=None, scaler=None) -> dict:
-    """Restore a `training_state` file into the given objects; returns the state
-    (epoch, step_in_epoch, step, rng, best_ap, config, meta ...)."""
-    state = read_training_state(path)
+def restore_training_state(state: dict, model, optimizer=None, scheduler=None,
+                           scaler=None) -> dict:
+    """Load a `read_training_state` dict into the given objects; returns it."""
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -160,6 +228,13 @@ def load_training_state(path, model, optimizer=None, scheduler=None, scaler=None
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     return state
+
+
+def load_training_state(path, model, optimizer=None, scheduler=None, scaler=None) -> dict:
+    """Restore a `training_state` file into the given objects; returns the state
+    (epoch, step_in_epoch, step, rng, best_ap, config, meta ...)."""
+    return restore_training_state(read_training_state(path), model, optimizer, scheduler,
+                                  scaler)
 
 
 def export_model(checkpoint, path) -> Path:

@@ -254,6 +254,9 @@ def _add_data_args(p, splits):
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ddetr_tutorial",
                                      description="Deformable DETR, built piece by piece.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also accepted after the "
+                        "command); without it an error is one line")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("make-data", help="write a synthetic COCO-format dataset",
@@ -363,8 +366,29 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """An exception as one line, newlines folded; the type is named unless it is a
+    plain bad-input error, whose message names the file or value already."""
+    text = " ".join(str(err).split()) or "(no message)"
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        text = f"missing key {err.args[0]!r}"
+    plain = (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError)
+    return text if isinstance(err, plain) else f"{type(err).__name__}: {text}"
+
+
 def main(argv=None) -> int:
+    """Run one command. An error is printed as one line ("<command>: <Type>: <message>",
+    naming the file or flag) and exits 1; `--debug` (anywhere) shows the traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     args = make_parser().parse_args(argv)
     args.argv = argv  # for the model card: the exact command
-    return args.func(args)
+    if debug:
+        return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as err:  # noqa: BLE001 - every error becomes one line
+        print(f"{args.command}: {_one_line(err)} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1

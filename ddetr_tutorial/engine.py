@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +19,13 @@ import torch.distributed as dist
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from .checkpoints import CheckpointManager, load_training_state, training_state
+from .checkpoints import (
+    CheckpointManager,
+    read_training_state,
+    restore_training_state,
+    saved_best_ap,
+    training_state,
+)
 from .coco_eval import coco_eval, coco_results
 from .config import build_model
 from .data import collate_fn as default_collate
@@ -216,13 +223,18 @@ def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, n
     """
     collate_fn = collate_fn or default_collate
     rank, world_size, local_rank = init_distributed()
-    device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    amp_dtype = _amp_dtype(amp, device)
-    epochs = cfg.epochs if epochs is None else epochs
+    check_dataset_sizes(train_set, val_set, cfg.batch_size, world_size)
     out_dir = Path(out_dir)
     main = rank == 0
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    state = None
+    if resume is not None:  # read (and refuse a bad file) before any work
+        state = read_training_state(resume)
+        cfg = resume_config(cfg, state["config"])
+    device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    amp_dtype = _amp_dtype(amp, device)
+    epochs = cfg.epochs if epochs is None else epochs
 
     seed_everything(seed + rank)
     model, criterion, postprocess = build_model(cfg)
@@ -230,8 +242,8 @@ def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, n
     optimizer, scheduler = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     start_epoch, skip, step, best = 0, 0, 0, None
-    if resume is not None:
-        state = load_training_state(resume, model, optimizer, scheduler, scaler)
+    if state is not None:
+        restore_training_state(state, model, optimizer, scheduler, scaler)
         start_epoch, skip, step, best = (state["epoch"], state["step_in_epoch"], state["step"],
                                          state.get("best_ap"))
         set_rng_state(state["rng"])
@@ -245,7 +257,10 @@ def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, n
                                rank, world_size)
     val_loader = make_loader(val_set, cfg.batch_size, False, collate_fn, seed, num_workers,
                              rank, world_size)
-    manager = CheckpointManager(out_dir, keep_last=keep_last) if main else None
+    manager = None
+    if main:  # a resumed run's best.pth is replaced only by a better AP
+        manager = CheckpointManager(out_dir, keep_last=keep_last, best_ap=saved_best_ap(
+            out_dir / "best.pth") if state is not None else None)
 
     meta = {"category_ids": list(train_set.category_ids),
             "class_names": list(getattr(train_set, "class_names", []))}
@@ -295,6 +310,54 @@ def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, n
             plot_log(out_dir / "log.jsonl", out_dir / "curves.png")
             save(epoch + 1, 0, metrics if "AP" in row else None)
     return metrics
+
+
+def check_dataset_sizes(train_set, val_set, batch_size: int, world_size: int = 1) -> None:
+    """Refuse, before any work, a training set that would give no step: each of the
+    world_size ranks gets ceil(N / world_size) images and drops its last partial
+    batch. An empty validation set is refused too (nothing to score)."""
+    n = len(train_set)
+    per_rank = math.ceil(n / world_size) if n else 0
+    if per_rank < batch_size:
+        raise ValueError(
+            f"the training set has {n} images: {per_rank} per process for {world_size} "
+            f"process(es), fewer than batch_size={batch_size}, so an epoch would have no "
+            f"step (the last partial batch is dropped); use more images or a smaller "
+            f"--set batch_size")
+    if len(val_set) == 0:
+        raise ValueError("the validation set has 0 images; evaluation needs at least one")
+
+
+# Config fields the saved optimizer / schedule state overrides on resume.
+RESTORED_BY_STATE = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "lr_drop")
+# Fields a resumed run may change freely (more epochs, another kernel, fewer detections).
+SAFE_ON_RESUME = ("epochs", "op_backend", "num_select", "pretrained_backbone")
+
+
+class ResumeWarning(UserWarning):
+    """A config change that --resume ignores, or that breaks exact continuation."""
+
+
+def resume_config(cfg, saved: dict):
+    """`cfg` for a run resumed from a checkpoint whose config is `saved`: fields the
+    saved optimizer / schedule state restores take their saved values (so the new
+    checkpoints say what was used), with a warning; other unsafe changes are kept,
+    with a warning that the run is no longer an exact continuation."""
+    ours = cfg.to_dict()
+    changed = {k: v for k, v in ours.items() if k in saved and saved[k] != v}
+    ignored = {k: saved[k] for k in changed if k in RESTORED_BY_STATE}
+    if ignored:
+        warnings.warn(", ".join(f"{k}={changed[k]!r}" for k in ignored) + " ignored on resume: "
+                      "the checkpoint's optimizer and schedule state restore "
+                      + ", ".join(f"{k}={v!r}" for k, v in ignored.items()),
+                      ResumeWarning, stacklevel=3)
+    unsafe = [k for k in changed if k not in ignored and k not in SAFE_ON_RESUME]
+    if unsafe:
+        warnings.warn("resuming with a config that differs from the checkpoint's in "
+                      + ", ".join(f"{k} ({saved[k]!r} -> {changed[k]!r})" for k in unsafe)
+                      + ": the run is no longer an exact continuation", ResumeWarning,
+                      stacklevel=3)
+    return cfg.replace(**ignored) if ignored else cfg
 
 
 def warm_up(optimizer, scheduler, step: int, warmup_steps: int) -> None:
