@@ -213,14 +213,14 @@ def export(args) -> int:
 def visualize(args) -> int:
     """Draw where one query's deformable attention samples (paper Fig. 6) to --out."""
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     from .checkpoints import load_model
     from .config import build_transforms
+    from .data import read_rgb
     from .visualize import encoder_query, plot_sampling_points, query_points, sampling_data
 
     model, cfg, _, meta = load_model(args.checkpoint, device=args.device)
-    image = Image.open(args.image).convert("RGB")
+    image = read_rgb(args.image, "--image")
     try:
         data = sampling_data(model, image, transform=build_transforms(cfg, "val"),
                              class_names=meta.get("class_names"))

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .config import build_transforms
-from .data import collate_fn
+from .data import collate_fn, read_rgb
 from .visualize import draw_detections
 
 SHEET_SIZE = 12
@@ -58,7 +58,7 @@ def predict_images(model, cfg, postprocess, paths, out_dir, threshold=0.5, class
     model.eval()
     results, sheet = [], []
     for path in image_files(paths):
-        image = Image.open(path).convert("RGB")
+        image = read_rgb(path, "input image")  # 16-bit PNGs scaled, not clipped
         det = detect(model, postprocess, transform, image)
         keep = det["scores"] >= threshold
         for box, score, label in zip(det["boxes"][keep].tolist(), det["scores"][keep].tolist(),
