@@ -13,6 +13,11 @@
 // Corners outside the map are pointed at a row of zeros (reads) or a scratch
 // row (writes), so the channel loops have no branches.
 //
+// Points with a NaN / Inf location or attention weight leave the vectorised
+// loops for a scalar path that computes them in the reference's order, so
+// they give the reference's NaN / Inf (ms_deform_attn_math.h); finite points
+// outside the map still contribute exactly nothing.
+//
 // The corners and the point gradients come from ms_deform_attn_math.h, shared
 // with the CUDA kernel; the backward forms s_i = g . v_i per corner and turns
 // them into the point's gradients there.
@@ -90,6 +95,63 @@ struct Args {
   Sizes z;
 };
 
+// The corner rows of head m of batch n: reads of corners off the map see the
+// zeros row, writes go to `scratch` (4 rows of D), when given.
+template <typename scalar_t>
+DDETR_INLINE void corner_rows(const Args<scalar_t>& a, const Corners<scalar_t>& cr, int64_t n,
+                              int64_t m, const scalar_t** v, scalar_t** gv,
+                              scalar_t* scratch) {
+  const Sizes& z = a.z;
+  for (int i = 0; i < 4; ++i) {
+    const int64_t off = ((n * z.S + cr.idx[i]) * z.M + m) * z.D;
+    v[i] = cr.idx[i] < 0 ? a.zeros : a.value + off;
+    if (gv) gv[i] = cr.idx[i] < 0 ? scratch + i * z.D : a.out + off;
+  }
+}
+
+// Forward of a point with a NaN / Inf location or attention weight, in the
+// reference's order: attn * (bilinear sample), the sample being NaN for a
+// non-finite location (NaN weights) and 0 off the map. Rare: kept off the
+// vectorised path so that path is unchanged.
+template <typename scalar_t>
+__attribute__((noinline)) void forward_nonfinite_point(const Args<scalar_t>& a,
+                                                       const Corners<scalar_t>& cr, scalar_t at,
+                                                       int64_t n, int64_t m, scalar_t* o) {
+  const scalar_t* v[4];
+  corner_rows<scalar_t>(a, cr, n, m, v, nullptr, nullptr);
+  for (int64_t c = 0; c < a.z.D; ++c) {
+    o[c] += at * (cr.w[0] * v[0][c] + cr.w[1] * v[1][c] + cr.w[2] * v[2][c] + cr.w[3] * v[3][c]);
+  }
+}
+
+// Backward of such a point, as the reference's autograd computes it: the
+// sample's gradient is g * attn per channel, the location gradient sums the
+// bilinear derivatives times it channel by channel (so 0 * Inf is NaN where
+// the reference has it), grad_attn = g . sample.
+template <typename scalar_t>
+__attribute__((noinline)) void backward_nonfinite_point(const Args<scalar_t>& a,
+                                                        const Corners<scalar_t>& cr, scalar_t at,
+                                                        const Level& lv, int64_t n, int64_t m,
+                                                        const scalar_t* g, int64_t point,
+                                                        scalar_t* scratch) {
+  const scalar_t* v[4];
+  scalar_t* gv[4];
+  corner_rows<scalar_t>(a, cr, n, m, v, gv, scratch);
+  const scalar_t lh = cr.lh, lw = cr.lw, hh = scalar_t(1) - lh, hw = scalar_t(1) - lw;
+  scalar_t gx = 0, gy = 0, ga = 0;
+  for (int64_t c = 0; c < a.z.D; ++c) {
+    const scalar_t go = g[c] * at;
+    const scalar_t v0 = v[0][c], v1 = v[1][c], v2 = v[2][c], v3 = v[3][c];
+    for (int i = 0; i < 4; ++i) gv[i][c] += cr.w[i] * go;
+    gx += (hh * (v1 - v0) + lh * (v3 - v2)) * go;
+    gy += (hw * (v2 - v0) + lw * (v3 - v1)) * go;
+    ga += g[c] * (cr.w[0] * v0 + cr.w[1] * v1 + cr.w[2] * v2 + cr.w[3] * v3);
+  }
+  a.grad_attn[point] = ga;
+  a.grad_loc[2 * point] = static_cast<scalar_t>(lv.W) * gx;
+  a.grad_loc[2 * point + 1] = static_cast<scalar_t>(lv.H) * gy;
+}
+
 // Output rows [begin, end) of the flattened (n, q).
 template <typename scalar_t>
 DDETR_INLINE void forward_rows(const Args<scalar_t>& a, int64_t begin, int64_t end) {
@@ -103,8 +165,14 @@ DDETR_INLINE void forward_rows(const Args<scalar_t>& a, int64_t begin, int64_t e
       const int64_t point0 = (row * z.M + m) * LK;
       for (int64_t p = 0; p < LK; ++p) {
         Corners<scalar_t> cr;
-        if (!corners_of(a.loc + 2 * (point0 + p), a.levels[p / z.K], z.S, cr)) continue;
+        const bool on_map = corners_of(a.loc + 2 * (point0 + p), a.levels[p / z.K], z.S, cr);
         const scalar_t at = a.attn[point0 + p];
+        if (!(on_map && math::is_finite(at))) {
+          if (on_map || math::off_map_but_not_finite(cr, at)) {
+            forward_nonfinite_point(a, cr, at, n, m, o);
+          }
+          continue;
+        }
         const scalar_t* v[4];
         for (int i = 0; i < 4; ++i) {
           v[i] = cr.idx[i] < 0 ? a.zeros : a.value + ((n * z.S + cr.idx[i]) * z.M + m) * z.D;
@@ -137,12 +205,17 @@ DDETR_INLINE void backward_heads(const Args<scalar_t>& a, int64_t begin, int64_t
         const int64_t point = head_row * LK + p;
         const Level& lv = a.levels[p / z.K];
         Corners<scalar_t> cr;
-        if (!corners_of(a.loc + 2 * point, lv, z.S, cr)) {
-          a.grad_attn[point] = 0;
-          a.grad_loc[2 * point] = a.grad_loc[2 * point + 1] = 0;
+        const bool on_map = corners_of(a.loc + 2 * point, lv, z.S, cr);
+        const scalar_t at = a.attn[point];
+        if (!(on_map && math::is_finite(at))) {
+          if (on_map || math::off_map_but_not_finite(cr, at)) {
+            backward_nonfinite_point(a, cr, at, lv, n, m, g, point, scratch);
+          } else {
+            a.grad_attn[point] = 0;
+            a.grad_loc[2 * point] = a.grad_loc[2 * point + 1] = 0;
+          }
           continue;
         }
-        const scalar_t at = a.attn[point];
         const scalar_t* v[4];
         scalar_t* gv[4];
         for (int i = 0; i < 4; ++i) {
