@@ -124,6 +124,28 @@ __attribute__((noinline)) void forward_nonfinite_point(const Args<scalar_t>& a,
   }
 }
 
+template <typename scalar_t>
+DDETR_INLINE bool all_finite(const scalar_t* x, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= math::is_finite(x[i]);
+  return ok;
+}
+
+// The head's points [point0, point0 + L*K) in the reference's order: all of
+// them, or only those with a non-finite location.
+template <typename scalar_t>
+__attribute__((noinline)) void forward_head_nonfinite(const Args<scalar_t>& a, int64_t point0,
+                                                      int64_t n, int64_t m, scalar_t* o,
+                                                      bool only_nonfinite = false) {
+  for (int64_t p = 0; p < a.z.L * a.z.K; ++p) {
+    Corners<scalar_t> cr;
+    corners_of(a.loc + 2 * (point0 + p), a.levels[p / a.z.K], a.z.S, cr);
+    if (!only_nonfinite || math::nonfinite_location(cr)) {
+      forward_nonfinite_point(a, cr, a.attn[point0 + p], n, m, o);
+    }
+  }
+}
+
 // Backward of such a point, as the reference's autograd computes it: the
 // sample's gradient is g * attn per channel, the location gradient sums the
 // bilinear derivatives times it channel by channel (so 0 * Inf is NaN where
@@ -163,16 +185,20 @@ DDETR_INLINE void forward_rows(const Args<scalar_t>& a, int64_t begin, int64_t e
       scalar_t* __restrict__ o = a.out + (row * z.M + m) * z.D;  // (D,)
       for (int64_t c = 0; c < z.D; ++c) o[c] = 0;
       const int64_t point0 = (row * z.M + m) * LK;
+      // A NaN / Inf weight makes all of the head's channels NaN / Inf (Inf * x
+      // is never finite), so such a head takes the reference's order throughout.
+      if (!all_finite(a.attn + point0, LK)) {
+        forward_head_nonfinite(a, point0, n, m, o);
+        continue;
+      }
+      bool nonfinite_loc = false;  // handled after the loop, which stays call-free
       for (int64_t p = 0; p < LK; ++p) {
         Corners<scalar_t> cr;
-        const bool on_map = corners_of(a.loc + 2 * (point0 + p), a.levels[p / z.K], z.S, cr);
-        const scalar_t at = a.attn[point0 + p];
-        if (!(on_map && math::is_finite(at))) {
-          if (on_map || math::off_map_but_not_finite(cr, at)) {
-            forward_nonfinite_point(a, cr, at, n, m, o);
-          }
+        if (!corners_of(a.loc + 2 * (point0 + p), a.levels[p / z.K], z.S, cr)) {
+          nonfinite_loc |= math::nonfinite_location(cr);
           continue;
         }
+        const scalar_t at = a.attn[point0 + p];
         const scalar_t* v[4];
         for (int i = 0; i < 4; ++i) {
           v[i] = cr.idx[i] < 0 ? a.zeros : a.value + ((n * z.S + cr.idx[i]) * z.M + m) * z.D;
@@ -186,6 +212,7 @@ DDETR_INLINE void forward_rows(const Args<scalar_t>& a, int64_t begin, int64_t e
           o[c] += w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c];
         }
       }
+      if (nonfinite_loc) forward_head_nonfinite(a, point0, n, m, o, /*only_nonfinite=*/true);
     }
   }
 }
