@@ -42,7 +42,7 @@ class Case:
     K: int = 3
     value_offset: int = 0  # a value view that starts this many elements into its buffer
     grad_offset: int = 0
-    nan_points: bool = False
+    nonfinite: bool = False  # NaN / Inf locations and weights, planted below
     sm_count: int = 132
 
 
@@ -59,7 +59,8 @@ CASES = {
     # L * K larger than one shared-memory tile of point records.
     "D1_many_tiles": Case(FOUR, Lq=3, D=1, K=4),
     "D3_two_tiles": Case(FOUR, N=1, Lq=3, D=3, K=6),
-    "outside_and_nan": Case(tuple(SHAPES["non_square"]), D=8, nan_points=True),
+    "outside_and_nonfinite": Case(tuple(SHAPES["non_square"]), D=8, nonfinite=True),
+    "nonfinite_two_tiles": Case(FOUR, N=1, Lq=3, D=3, K=6, nonfinite=True),
     # More blocks than the grid of one multiprocessor: the block-stride loop.
     "grid_stride": Case(((3, 4),), N=1, Lq=130, D=256, K=1, sm_count=1),
     "misaligned_value": Case(FOUR, D=32, value_offset=1),
@@ -77,9 +78,8 @@ def make_case(case: Case, dtype: torch.dtype, seed: int = 0) -> harness.Inputs:
                                                Lq=max(case.Lq, 1), M=case.M, D=case.D,
                                                K=case.K, seed=seed)
     value, loc, attn = value[:case.N], loc[:case.N, :case.Lq], attn[:case.N, :case.Lq]
-    if case.nan_points:
-        loc = loc.clone()
-        loc.view(-1)[5::13] = float("nan")
+    if case.nonfinite:
+        loc, attn = plant_nonfinite(loc.clone(), attn.clone(), case.shapes)
     g = torch.Generator().manual_seed(seed + 1)
     grad_out = torch.randn(case.N, case.Lq, case.M * case.D, generator=g, dtype=torch.float64)
     return harness.Inputs(value.to(dtype), ss, starts, loc.to(opmath), attn.to(opmath),
@@ -87,15 +87,36 @@ def make_case(case: Case, dtype: torch.dtype, seed: int = 0) -> harness.Inputs:
                           case.sm_count)
 
 
-def reference(x: harness.Inputs):
-    """Forward and gradients of the float64 grid_sample reference on x's numbers.
+def plant_nonfinite(loc, attn, shapes):
+    """NaN and +-Inf in x or y of some points, NaN weights on others, +Inf
+    weights on points off the map (finite ones there must still add 0).
 
-    A NaN location samples nothing and gets no gradient: the reference sees it
-    as a point far outside the map.
+    +-Inf weights inside the map are left out: the CUDA kernel folds the weight
+    into the bilinear weights, so there its NaN / Inf pattern can differ from
+    the reference's (test_ms_deform_attn.CUDA_KNOWN).
     """
+    points = loc.view(-1, 2)
+    points[5::13, 0] = float("nan")
+    points[6::17, 1] = float("nan")
+    points[7::19, 0] = float("inf")
+    points[8::23, 1] = -float("inf")
+    points[9::29] = float("nan")
+    attn.view(-1)[4::11] = float("nan")
+    sizes = torch.tensor([[w, h] for h, w in shapes], dtype=loc.dtype)  # (L, 2)
+    pixels = loc * sizes[:, None] - 0.5  # (N, Lq, M, L, K, 2)
+    off = ((pixels <= -1) | (pixels >= sizes[:, None])).any(-1) & loc.isfinite().all(-1)
+    weights = attn.clone()
+    weights[off] = float("inf")
+    keep = torch.zeros_like(off)
+    keep.view(-1)[::3] = True
+    return loc, torch.where(off & keep, weights, attn)
+
+
+def reference(x: harness.Inputs):
+    """Forward and gradients of the float64 grid_sample reference on x's numbers,
+    NaN / Inf included (torch's CPU grid_sample gives NaN samples for them)."""
     value, loc, attn = (t.double().requires_grad_() for t in (x.value, x.locations, x.weights))
-    loc_in = torch.where(torch.isnan(loc), torch.full_like(loc, -10.0), loc)
-    out = ms_deform_attn_pytorch(value, x.spatial_shapes, x.level_start_index, loc_in, attn)
+    out = ms_deform_attn_pytorch(value, x.spatial_shapes, x.level_start_index, loc, attn)
     out.backward(x.grad_out.double())
     return out.detach(), value.grad, loc.grad, attn.grad
 
@@ -113,8 +134,19 @@ def mismatches(x: harness.Inputs, got: harness.Outputs) -> list[str]:
             continue
         if expected.numel() == 0:
             continue
-        err = (actual.double() - expected).abs().max()  # NaN (an unwritten element) fails
-        scale = expected.abs().max().clamp_min(1e-12)
+        actual = actual.double()
+        # Non-finite exactly where the reference is, the same NaN / +-Inf.
+        special = ~expected.isfinite()
+        same = (actual[special] == expected[special]) | (actual[special].isnan()
+                                                         & expected[special].isnan())
+        if not same.all():
+            found.append(f"{name}: {int((~same).sum())} of {int(special.sum())} NaN / Inf "
+                         "of the reference differ")
+        if (~special).sum() == 0:
+            continue
+        finite = ~special
+        err = (actual[finite] - expected[finite]).abs().max()  # NaN (unwritten) fails
+        scale = expected[finite].abs().max().clamp_min(1e-12)
         if not err <= tol * scale:
             found.append(f"{name}: max error {err:.3g} vs max |reference| {scale:.3g}")
     return found

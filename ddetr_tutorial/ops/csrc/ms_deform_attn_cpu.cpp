@@ -13,6 +13,11 @@
 // Corners outside the map are pointed at a row of zeros (reads) or a scratch
 // row (writes), so the channel loops have no branches.
 //
+// Points with a NaN / Inf location or attention weight leave the vectorised
+// loops for a scalar path that computes them in the reference's order, so
+// they give the reference's NaN / Inf (ms_deform_attn_math.h); finite points
+// outside the map still contribute exactly nothing.
+//
 // The corners and the point gradients come from ms_deform_attn_math.h, shared
 // with the CUDA kernel; the backward forms s_i = g . v_i per corner and turns
 // them into the point's gradients there.
@@ -90,6 +95,85 @@ struct Args {
   Sizes z;
 };
 
+// The corner rows of head m of batch n: reads of corners off the map see the
+// zeros row, writes go to `scratch` (4 rows of D), when given.
+template <typename scalar_t>
+DDETR_INLINE void corner_rows(const Args<scalar_t>& a, const Corners<scalar_t>& cr, int64_t n,
+                              int64_t m, const scalar_t** v, scalar_t** gv,
+                              scalar_t* scratch) {
+  const Sizes& z = a.z;
+  for (int i = 0; i < 4; ++i) {
+    const int64_t off = ((n * z.S + cr.idx[i]) * z.M + m) * z.D;
+    v[i] = cr.idx[i] < 0 ? a.zeros : a.value + off;
+    if (gv) gv[i] = cr.idx[i] < 0 ? scratch + i * z.D : a.out + off;
+  }
+}
+
+// Forward of a point with a NaN / Inf location or attention weight, in the
+// reference's order: attn * (bilinear sample), the sample being NaN for a
+// non-finite location (NaN weights) and 0 off the map. Rare: kept off the
+// vectorised path so that path is unchanged.
+template <typename scalar_t>
+__attribute__((noinline)) void forward_nonfinite_point(const Args<scalar_t>& a,
+                                                       const Corners<scalar_t>& cr, scalar_t at,
+                                                       int64_t n, int64_t m, scalar_t* o) {
+  const scalar_t* v[4];
+  corner_rows<scalar_t>(a, cr, n, m, v, nullptr, nullptr);
+  for (int64_t c = 0; c < a.z.D; ++c) {
+    o[c] += at * (cr.w[0] * v[0][c] + cr.w[1] * v[1][c] + cr.w[2] * v[2][c] + cr.w[3] * v[3][c]);
+  }
+}
+
+template <typename scalar_t>
+DDETR_INLINE bool all_finite(const scalar_t* x, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= math::is_finite(x[i]);
+  return ok;
+}
+
+// The head's points [point0, point0 + L*K) in the reference's order: all of
+// them, or only those with a non-finite location.
+template <typename scalar_t>
+__attribute__((noinline)) void forward_head_nonfinite(const Args<scalar_t>& a, int64_t point0,
+                                                      int64_t n, int64_t m, scalar_t* o,
+                                                      bool only_nonfinite = false) {
+  for (int64_t p = 0; p < a.z.L * a.z.K; ++p) {
+    Corners<scalar_t> cr;
+    corners_of(a.loc + 2 * (point0 + p), a.levels[p / a.z.K], a.z.S, cr);
+    if (!only_nonfinite || math::nonfinite_location(cr)) {
+      forward_nonfinite_point(a, cr, a.attn[point0 + p], n, m, o);
+    }
+  }
+}
+
+// Backward of such a point, as the reference's autograd computes it: the
+// sample's gradient is g * attn per channel, the location gradient sums the
+// bilinear derivatives times it channel by channel (so 0 * Inf is NaN where
+// the reference has it), grad_attn = g . sample.
+template <typename scalar_t>
+__attribute__((noinline)) void backward_nonfinite_point(const Args<scalar_t>& a,
+                                                        const Corners<scalar_t>& cr, scalar_t at,
+                                                        const Level& lv, int64_t n, int64_t m,
+                                                        const scalar_t* g, int64_t point,
+                                                        scalar_t* scratch) {
+  const scalar_t* v[4];
+  scalar_t* gv[4];
+  corner_rows<scalar_t>(a, cr, n, m, v, gv, scratch);
+  const scalar_t lh = cr.lh, lw = cr.lw, hh = scalar_t(1) - lh, hw = scalar_t(1) - lw;
+  scalar_t gx = 0, gy = 0, ga = 0;
+  for (int64_t c = 0; c < a.z.D; ++c) {
+    const scalar_t go = g[c] * at;
+    const scalar_t v0 = v[0][c], v1 = v[1][c], v2 = v[2][c], v3 = v[3][c];
+    for (int i = 0; i < 4; ++i) gv[i][c] += cr.w[i] * go;
+    gx += (hh * (v1 - v0) + lh * (v3 - v2)) * go;
+    gy += (hw * (v2 - v0) + lw * (v3 - v1)) * go;
+    ga += g[c] * (cr.w[0] * v0 + cr.w[1] * v1 + cr.w[2] * v2 + cr.w[3] * v3);
+  }
+  a.grad_attn[point] = ga;
+  a.grad_loc[2 * point] = static_cast<scalar_t>(lv.W) * gx;
+  a.grad_loc[2 * point + 1] = static_cast<scalar_t>(lv.H) * gy;
+}
+
 // Output rows [begin, end) of the flattened (n, q).
 template <typename scalar_t>
 DDETR_INLINE void forward_rows(const Args<scalar_t>& a, int64_t begin, int64_t end) {
@@ -101,9 +185,19 @@ DDETR_INLINE void forward_rows(const Args<scalar_t>& a, int64_t begin, int64_t e
       scalar_t* __restrict__ o = a.out + (row * z.M + m) * z.D;  // (D,)
       for (int64_t c = 0; c < z.D; ++c) o[c] = 0;
       const int64_t point0 = (row * z.M + m) * LK;
+      // A NaN / Inf weight makes all of the head's channels NaN / Inf (Inf * x
+      // is never finite), so such a head takes the reference's order throughout.
+      if (!all_finite(a.attn + point0, LK)) {
+        forward_head_nonfinite(a, point0, n, m, o);
+        continue;
+      }
+      bool nonfinite_loc = false;  // handled after the loop, which stays call-free
       for (int64_t p = 0; p < LK; ++p) {
         Corners<scalar_t> cr;
-        if (!corners_of(a.loc + 2 * (point0 + p), a.levels[p / z.K], z.S, cr)) continue;
+        if (!corners_of(a.loc + 2 * (point0 + p), a.levels[p / z.K], z.S, cr)) {
+          nonfinite_loc |= math::nonfinite_location(cr);
+          continue;
+        }
         const scalar_t at = a.attn[point0 + p];
         const scalar_t* v[4];
         for (int i = 0; i < 4; ++i) {
@@ -118,6 +212,7 @@ DDETR_INLINE void forward_rows(const Args<scalar_t>& a, int64_t begin, int64_t e
           o[c] += w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c];
         }
       }
+      if (nonfinite_loc) forward_head_nonfinite(a, point0, n, m, o, /*only_nonfinite=*/true);
     }
   }
 }
@@ -137,12 +232,17 @@ DDETR_INLINE void backward_heads(const Args<scalar_t>& a, int64_t begin, int64_t
         const int64_t point = head_row * LK + p;
         const Level& lv = a.levels[p / z.K];
         Corners<scalar_t> cr;
-        if (!corners_of(a.loc + 2 * point, lv, z.S, cr)) {
-          a.grad_attn[point] = 0;
-          a.grad_loc[2 * point] = a.grad_loc[2 * point + 1] = 0;
+        const bool on_map = corners_of(a.loc + 2 * point, lv, z.S, cr);
+        const scalar_t at = a.attn[point];
+        if (!(on_map && math::is_finite(at))) {
+          if (on_map || math::off_map_but_not_finite(cr, at)) {
+            backward_nonfinite_point(a, cr, at, lv, n, m, g, point, scratch);
+          } else {
+            a.grad_attn[point] = 0;
+            a.grad_loc[2 * point] = a.grad_loc[2 * point + 1] = 0;
+          }
           continue;
         }
-        const scalar_t at = a.attn[point];
         const scalar_t* v[4];
         scalar_t* gv[4];
         for (int i = 0; i < 4; ++i) {

@@ -304,7 +304,8 @@ __device__ __forceinline__ void write_point(BackwardPoint<Op>& rec, const Corner
     rec.idx[i] = c.idx[i];
     rec.w[i] = c.w[i];
   }
-  // attn = 0 off the map makes grad_loc exactly 0 there, even for a NaN weight.
+  // attn = 0 off the map makes grad_loc exactly 0 there (inside is also true
+  // for a non-finite location or weight, whose NaN the reference keeps).
   rec.attn = inside ? attn : Op(0);
   rec.lh = c.lh;
   rec.lw = c.lw;
@@ -333,7 +334,9 @@ __device__ void fill_tile(Record* recs, const Levels& levels, const Op* __restri
       const Op w_im = math::pixel_coord<true>(loc[2 * pt], static_cast<Op>(W));
       c = math::bilinear_corners(h_im, w_im, H, W, levels.start[l], sh.S);
     }
-    const bool inside = math::any_corner(c);
+    // A point off the map adds nothing, unless its location or weight is
+    // NaN / Inf: then its NaN weights or 0 * attn carry the reference's NaN.
+    const bool inside = math::any_corner(c) || math::off_map_but_not_finite(c, a);
     write_point(recs[r], c, a, inside);
   }
 }
