@@ -61,7 +61,8 @@ def test_no_seed_spread_means_no_verdict():
 
 def test_run_is_resumable_and_reported(tmp_path):
     data = tmp_path / "shapes"
-    make_shapes(data, num_train=4, num_val=2, size=64, seed=0, max_objects=3)
+    # 16 images: one step per epoch at the tiny preset's batch of 16
+    make_shapes(data, num_train=16, num_val=2, size=64, seed=0, max_objects=3)
     common = ["--data", str(data), "--only", "ms_inputs_k1", "--seeds", "0", "--epochs", "2",
               "--image-size", "64", "--runs-dir", str(tmp_path / "runs"),
               "--results-dir", str(tmp_path / "results")]
