@@ -170,10 +170,19 @@ def test_backend_environment_variable(monkeypatch):
         functions.resolve_backend("auto", value)
 
 
-def test_auto_uses_the_reference_for_half_on_cpu(monkeypatch):
+def test_auto_uses_the_reference_for_half_on_cpu_and_says_so_once(monkeypatch):
     monkeypatch.delenv("DDETR_BACKEND", raising=False)
-    assert functions.resolve_backend("auto", torch.zeros(1, dtype=torch.bfloat16)) == "pytorch"
-    assert functions.resolve_backend("auto", torch.zeros(1)) == "cpu"
+    monkeypatch.setattr(functions, "_warned", set())
+    half = torch.zeros(1, dtype=torch.float16)
+    with pytest.warns(RuntimeWarning, match="the cpu kernel takes torch.float32, torch.float64, "
+                                            "not torch.float16; using the pytorch reference"):
+        assert functions.resolve_backend("auto", half) == "pytorch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per (device, dtype)
+        assert functions.resolve_backend("auto", half) == "pytorch"
+        assert functions.resolve_backend("auto", torch.zeros(1)) == "cpu"
+    with pytest.warns(RuntimeWarning, match="not torch.bfloat16"):
+        assert functions.resolve_backend("auto", half.bfloat16()) == "pytorch"
 
 
 # What a killed or failed build leaves behind (issue 14, section 2, items 1, 8, 9).

@@ -231,6 +231,21 @@ def _strict() -> bool:
     return os.environ.get("DDETR_STRICT", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _warn_no_kernel(device_type: str, dtype: torch.dtype) -> None:
+    """One warning per (device, dtype) that `auto` has no compiled kernel to run."""
+    key = f"{device_type}:{dtype}"
+    if key in _warned:
+        return
+    _warned.add(key)
+    if device_type in _KERNEL_DTYPES:
+        takes = ", ".join(str(d) for d in _KERNEL_DTYPES[device_type])
+        why = f"the {device_type} kernel takes {takes}, not {dtype}"
+    else:
+        why = f"there is no compiled kernel for {device_type} tensors"
+    warnings.warn(f"ms_deform_attn(backend='auto'): {why}; using the pytorch reference",
+                  RuntimeWarning, stacklevel=5)
+
+
 def resolve_backend(backend: str, value: torch.Tensor) -> str:
     """The backend that will run for `value`: 'pytorch', 'cpu' or 'cuda'."""
     return _resolve(backend, value.device.type, value.dtype)
@@ -252,7 +267,8 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype) -> str:
         return backend
     if backend == "auto":
         if device_type not in _KERNEL_DTYPES or dtype not in _KERNEL_DTYPES[device_type]:
-            return "pytorch"  # no kernel for this device or dtype: the reference is the path
+            _warn_no_kernel(device_type, dtype)  # the reference is the path, said once
+            return "pytorch"
         try:
             loader.load_extension(device_type)
         except loader.BuildError as err:
