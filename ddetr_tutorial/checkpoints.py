@@ -1,9 +1,10 @@
-"""Training checkpoints: save, rotate, resume exactly, export, and load a trained model.
+"""Training checkpoints: save atomically, rotate, keep the best, and resume exactly.
 
 A training checkpoint is plain data (tensors, numbers, strings, the config as a
 dict), written atomically and read with `torch.load(weights_only=True)`: a
 checkpoint is data, and unpickling arbitrary objects can run code. Official and
-HuggingFace weights are read by `weights`.
+HuggingFace weights are read by `weights`; `model_files` reads, loads and
+exports a checkpoint of any kind.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import Config, build_model
-from .shipped import resolve_checkpoint
 
 # ------------------------------------------------------------------------- reading files
 
@@ -157,9 +156,9 @@ def remove_stale_temp_files(out_dir) -> list[Path]:
     return removed
 
 
-def saved_best_ap(path):
-    """The `best_ap` recorded in the checkpoint at `path`, or None if there is none
-    (read memory-mapped: the weights are not loaded)."""
+def saved_entry(path, key: str):
+    """One top-level entry of the checkpoint at `path` (e.g. "best_ap", "config"), or
+    None if there is none (read memory-mapped: the weights are not loaded)."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -168,7 +167,12 @@ def saved_best_ap(path):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # unreadable: a new best.pth will replace it
         return None
-    return state.get("best_ap") if isinstance(state, dict) else None
+    return state.get(key) if isinstance(state, dict) else None
+
+
+def saved_best_ap(path):
+    """The `best_ap` recorded in the checkpoint at `path`, or None if there is none."""
+    return saved_entry(path, "best_ap")
 
 
 class CheckpointManager:
@@ -202,7 +206,7 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def read_training_state(path) -> dict:
-    """A `training_state` dict from `path` (or an `export_model` file), checked to be one."""
+    """A `training_state` dict from `path` (or an exported file), checked to be one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -213,7 +217,8 @@ def read_training_state(path) -> dict:
     missing = [k for k in ("model", "config", "epoch", "step") if k not in state]
     if missing:
         raise ValueError(f"{path} is not a training checkpoint of this package (it lacks "
-                         f"{missing}); for official weights use load_official_checkpoint")
+                         f"{missing}); official and HuggingFace weights load with "
+                         f"model_files.load_model, or start a run with train --init-from")
     return state
 
 
@@ -235,26 +240,3 @@ def load_training_state(path, model, optimizer=None, scheduler=None, scaler=None
     (epoch, step_in_epoch, step, rng, best_ap, config, meta ...)."""
     return restore_training_state(read_training_state(path), model, optimizer, scheduler,
                                   scaler)
-
-
-def export_model(checkpoint, path) -> Path:
-    """Write the weights-only part of a training checkpoint to `path` (atomically):
-    model, config, meta, epoch/step, best AP and versions; no optimizer, schedule or
-    RNG state, so it is about a third the size. `load_model` reads either."""
-    state = read_training_state(checkpoint)
-    slim = {k: state[k] for k in ("model", "config", "epoch", "step", "best_ap", "meta",
-                                  "versions") if k in state}
-    slim["step_in_epoch"] = state.get("step_in_epoch", 0)
-    return save_checkpoint(slim, path)
-
-
-def load_model(path, device=None, **overrides):
-    """A trained model from a training checkpoint (a path or a shipped name), in eval mode.
-    Returns (model, cfg, postprocess, meta); `overrides` change config fields
-    that do not alter the weights (e.g. op_backend)."""
-    state = read_training_state(resolve_checkpoint(path))
-    cfg = Config(**state["config"]).replace(pretrained_backbone=None, **overrides)
-    model, _, postprocess = build_model(cfg)
-    model.load_state_dict(state["model"])
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    return model, cfg, postprocess, state.get("meta", {})

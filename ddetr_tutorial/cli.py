@@ -64,7 +64,9 @@ def _checkpoint(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-CHECKPOINT_HELP = f"a checkpoint file, or a shipped name ({', '.join(SHIPPED)})"
+CHECKPOINT_HELP = (f"a checkpoint of any kind: this package's (training or exported), an "
+                   f"official Deformable DETR .pth, a HuggingFace folder or weights file; or a "
+                   f"shipped name ({', '.join(SHIPPED)})")
 
 
 def _datasets(args, cfg, splits=("train", "val"), category_ids=None, augment=("train",)):
@@ -116,21 +118,52 @@ def _config(args):
 
 
 def train(args) -> int:
+    from .checkpoints import latest_checkpoint, saved_entry
+    from .config import Config
     from .engine import fit, is_main_process
 
-    cfg = _config(args)
+    cfg, source = _train_config(args)
     sets = _datasets(args, cfg)
-    if cfg.num_classes < len(sets["train"].category_ids):
-        cfg = cfg.replace(num_classes=len(sets["train"].category_ids))
+    classes = len(sets["train"].category_ids)
+    if source is not None or cfg.num_classes < classes:  # fine-tuning: exactly the data's
+        cfg = cfg.replace(num_classes=classes)
     start = time.perf_counter()
     metrics = fit(cfg, sets["train"], sets["val"], args.out, epochs=args.epochs,
                   resume=args.resume, seed=args.seed, num_workers=args.workers,
                   device=args.device, amp=args.amp, eval_every=args.eval_every,
                   checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
-                  max_steps=args.max_steps, progress=not args.quiet)
+                  max_steps=args.max_steps, progress=not args.quiet, init_from=source)
     if is_main_process() and metrics:
-        write_model_card(Path(args.out), cfg, time.perf_counter() - start, metrics, args.argv)
+        # The config the run really used: a resumed run restores some fields (lr ...).
+        saved = saved_entry(latest_checkpoint(args.out), "config")
+        write_model_card(Path(args.out), Config(**saved) if saved else cfg,
+                         time.perf_counter() - start, metrics, args.argv)
     return 0
+
+
+def _train_config(args):
+    """(cfg, the --init-from ModelFile or None). With --init-from the checkpoint's own
+    config is the base (its architecture and recipe), changed by --set."""
+    if args.init_from is None:
+        args.config = args.config or "tiny"
+        return _config(args), None
+    if args.config is not None:
+        raise SystemExit("train: --config and --init-from exclude each other: the model "
+                         "comes from the --init-from checkpoint; change its settings with --set")
+    from .model_files import read_model_file
+
+    source = read_model_file(args.init_from)
+    if is_main():
+        print(f"init-from {source.describe()}")
+    try:
+        cfg = source.cfg.replace(pretrained_backbone=None, **_parse_overrides(args.set))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"train: {err}") from None
+    return cfg, source
+
+
+def is_main() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def write_model_card(out_dir: Path, cfg, seconds: float, metrics: dict, argv) -> Path:
@@ -167,20 +200,41 @@ def write_model_card(out_dir: Path, cfg, seconds: float, metrics: dict, argv) ->
     return path
 
 
+def _load(args):
+    """load_model for --checkpoint (any kind), printing what was detected."""
+    from .model_files import load_model
+
+    model, cfg, postprocess, meta = load_model(args.checkpoint, device=args.device)
+    print(f"checkpoint {meta['detected']}")
+    return model, cfg, postprocess, meta
+
+
+def _evaluation_ids(model_ids, dataset) -> list:
+    """label -> COCO id of the model's outputs, checked against the file's categories:
+    every category scored must be one the model predicts (a 91-class COCO model knows
+    ids the file does not use; that is fine)."""
+    if model_ids is None:
+        return dataset.category_ids
+    unknown = sorted(set(dataset.category_ids) - set(model_ids))
+    if unknown:
+        raise ValueError(f"{dataset.ann_file}: categories {unknown} are not among the "
+                         f"checkpoint's category ids {list(model_ids)}")
+    return list(model_ids)
+
+
 def evaluate(args) -> int:
-    from .checkpoints import load_model
     from .data import collate_fn
     from .engine import evaluate as run_evaluation
     from .reproducibility import make_loader
 
-    model, cfg, postprocess, meta = load_model(args.checkpoint, device=args.device)
+    model, cfg, postprocess, meta = _load(args)
     split = args.split
-    dataset = _datasets(args, cfg, splits=(split,), category_ids=meta.get("category_ids"),
-                        augment=())[split]
+    dataset = _datasets(args, cfg, splits=(split,), augment=())[split]
+    category_ids = _evaluation_ids(meta.get("category_ids"), dataset)
     loader = make_loader(dataset, cfg.batch_size, False, collate_fn, num_workers=args.workers)
     device = next(model.parameters()).device
-    metrics, table = run_evaluation(model, postprocess, loader, dataset.coco,
-                                    dataset.category_ids, device, progress=not args.quiet)
+    metrics, table = run_evaluation(model, postprocess, loader, dataset.coco, category_ids,
+                                    device, progress=not args.quiet)
     print(table.rstrip())
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     if args.out:
@@ -190,10 +244,9 @@ def evaluate(args) -> int:
 
 
 def predict(args) -> int:
-    from .checkpoints import load_model
     from .predict import predict_images
 
-    model, cfg, postprocess, meta = load_model(args.checkpoint, device=args.device)
+    model, cfg, postprocess, meta = _load(args)
     written = predict_images(model, cfg, postprocess, args.images, args.out,
                              threshold=args.threshold,
                              class_names=args.names or meta.get("class_names"),
@@ -203,9 +256,11 @@ def predict(args) -> int:
 
 
 def export(args) -> int:
-    from .checkpoints import export_model
+    from .model_files import export_model, read_model_file
 
-    path = export_model(args.checkpoint, args.out)
+    source = read_model_file(args.checkpoint)
+    print(f"checkpoint {source.describe()}")
+    path = export_model(source, args.out)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
@@ -214,12 +269,11 @@ def visualize(args) -> int:
     """Draw where one query's deformable attention samples (paper Fig. 6) to --out."""
     import matplotlib.pyplot as plt
 
-    from .checkpoints import load_model
     from .config import build_transforms
     from .data import read_rgb
     from .visualize import encoder_query, plot_sampling_points, query_points, sampling_data
 
-    model, cfg, _, meta = load_model(args.checkpoint, device=args.device)
+    model, cfg, _, meta = _load(args)
     image = read_rgb(args.image, "--image")
     try:
         data = sampling_data(model, image, transform=build_transforms(cfg, "val"),
@@ -276,8 +330,12 @@ def make_parser() -> argparse.ArgumentParser:
                             "best), log.jsonl and curves.png to --out. Under `torchrun "
                             "--nproc_per_node=G -m ddetr_tutorial train ...` it trains with "
                             "DistributedDataParallel (nccl on GPU, gloo on CPU).")
-    p.add_argument("--config", default="tiny", help="preset: tiny, paper, single_scale, dc5, "
-                   "box_refine, two_stage, detr (default tiny)")
+    p.add_argument("--config", default=None, help="preset: tiny, paper, single_scale, dc5, "
+                   "box_refine, two_stage, detr (default tiny; not with --init-from)")
+    p.add_argument("--init-from", type=_checkpoint, default=None, metavar="CKPT",
+                   help="fine-tune: start from the weights of any checkpoint (" + CHECKPOINT_HELP
+                   + "); its config is the base, --set changes it, and the class head is "
+                   "re-initialised when the data has another number of classes")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                    help="override config fields, e.g. --set lr=1e-4 with_box_refine=true")
     _add_data_args(p, ("train", "val"))
@@ -322,12 +380,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=predict)
 
-    p = commands.add_parser("export", help="keep only the weights of a training checkpoint",
-                            description="Write the model weights, config and metadata of a "
-                            "training checkpoint to a smaller file (no optimizer or RNG "
-                            "state); evaluate/predict read either.")
-    p.add_argument("--checkpoint", required=True, type=_checkpoint,
-                   help="a checkpoint written by train, or a shipped name")
+    p = commands.add_parser("export", help="write any checkpoint as a weights-only file",
+                            description="Write the model weights, config and metadata of any "
+                            "checkpoint (ours, official, HuggingFace) as this package's "
+                            "weights-only file (no optimizer or RNG state); every command "
+                            "reads it.")
+    p.add_argument("--checkpoint", required=True, type=_checkpoint, help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="the file to write")
     p.set_defaults(func=export)
 

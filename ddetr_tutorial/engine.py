@@ -30,6 +30,7 @@ from .coco_eval import coco_eval, coco_results
 from .config import build_model
 from .data import collate_fn as default_collate
 from .losses import total_loss
+from .model_files import init_from as init_weights
 from .reproducibility import make_loader, rng_state, seed_everything, set_epoch, set_rng_state
 
 # ----------------------------------------------------------------------------- optimizer
@@ -214,12 +215,14 @@ class Timer:
 
 def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, num_workers=0,
         device=None, amp=None, eval_every=1, checkpoint_every=0, keep_last=2, max_steps=None,
-        progress=True, collate_fn=None, log=print):
+        progress=True, collate_fn=None, log=print, init_from=None):
     """Train `cfg` on `train_set`, evaluating on `val_set` (COCO datasets with `.coco`
     and `.category_ids`), writing checkpoints, `log.jsonl` and `curves.png` to
     `out_dir`. Under torchrun it trains with DistributedDataParallel and only rank
     0 writes. `resume` continues exactly from a checkpoint (also mid-epoch).
-    `amp`: None, "bf16" or "fp16" (CUDA only). Returns the last evaluation's metrics.
+    `amp`: None, "bf16" or "fp16" (CUDA only). `init_from`: fine-tune from any
+    checkpoint (a path or a `model_files.ModelFile`; see `model_files.init_from`).
+    Returns the last evaluation's metrics.
     """
     collate_fn = collate_fn or default_collate
     rank, world_size, local_rank = init_distributed()
@@ -238,6 +241,12 @@ def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, n
 
     seed_everything(seed + rank)
     model, criterion, postprocess = build_model(cfg)
+    if init_from is not None and state is None:
+        report = init_weights(model, init_from)  # every rank: DDP checks equal shapes
+        if main:
+            log(str(report))
+    elif init_from is not None and main:
+        log("init_from ignored: the resumed checkpoint's weights are restored")
     model.to(device)
     optimizer, scheduler = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None

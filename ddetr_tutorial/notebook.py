@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoints import load_model
+from .model_files import load_model
 from .shipped import SHIPPED, shipped_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,5 +30,5 @@ def fast_mode() -> bool:
 
 def load_shipped_model(device="cpu", **overrides):
     """The tiny model trained on the shapes set (shipped as "tiny_shapes"), in eval
-    mode: (model, cfg, postprocess, meta), as `checkpoints.load_model` returns."""
+    mode: (model, cfg, postprocess, meta), as `model_files.load_model` returns."""
     return load_model(shipped_checkpoint("tiny_shapes"), device=device, **overrides)

@@ -1,7 +1,7 @@
 """Detection on image files: COCO-format predictions and drawn detections.
 
 What `python -m ddetr_tutorial predict` runs; the model comes from
-`checkpoints.load_model`.
+`model_files.load_model`.
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ def detect(model, postprocess, transform, image: Image.Image) -> dict[str, torch
 
 def predict_images(model, cfg, postprocess, paths, out_dir, threshold=0.5, class_names=None,
                    category_ids=None) -> Path:
-    """Detect objects in image files: writes predictions.json (COCO result format
-    plus file_name), <name>_detections.png per image and, for several images,
-    detections.png with the first 12 side by side. Returns the JSON path.
+    """Detect objects in image files: writes predictions.json (COCO result format plus
+    file_name and, with class_names, category_name), <name>_detections.png per image
+    and, for several images, detections.png with the first 12 side by side. Returns
+    the JSON path.
     Detections scoring below `threshold` are neither written nor drawn."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,8 @@ def predict_images(model, cfg, postprocess, paths, out_dir, threshold=0.5, class
             x0, y0, x1, y1 = box
             category = category_ids[label] if category_ids else label
             results.append({"file_name": path.name, "category_id": int(category),
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
+                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score,
+                            **({"category_name": class_names[label]} if class_names else {})})
         drawn = (image, det["boxes"][keep], det["labels"][keep], det["scores"][keep])
         fig = draw_detections(*drawn, class_names, title=path.name)
         fig.savefig(out_dir / f"{path.stem}_detections.png", dpi=120)

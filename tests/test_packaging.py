@@ -91,7 +91,7 @@ def test_resolve_checkpoint_names_and_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_checkpoint("tiny_shapes") == Path("tiny_shapes")
     assert resolve_checkpoint(local) == local
-    with pytest.raises(ValueError, match=r"'tiny_shape'.*no file exists at .*tiny_shape\b"
+    with pytest.raises(ValueError, match=r"'tiny_shape'.*nothing exists at .*tiny_shape\b"
                        r".*shipped name \('tiny_shapes'\)"):
         resolve_checkpoint("tiny_shape")
     with pytest.raises(TypeError, match="got int 3"):
@@ -115,7 +115,7 @@ CHECK = textwrap.dedent("""
     import json, sys
     import torch
     import ddetr_tutorial
-    from ddetr_tutorial.checkpoints import load_model
+    from ddetr_tutorial.model_files import load_model
     from ddetr_tutorial.notebook import SHIPPED_MODEL, load_shipped_model
     from ddetr_tutorial.ops import loader
 

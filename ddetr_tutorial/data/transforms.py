@@ -71,11 +71,19 @@ def hflip(image: Image.Image, target: dict | None):
 
 def resized_size(width: int, height: int, short: int,
                  max_size: int | None = None) -> tuple[int, int]:
-    """(new_width, new_height) with the short side `short`, shrunk so the long side <= max_size."""
-    scale = short / min(width, height)
-    if max_size is not None and max(width, height) * scale > max_size:
-        scale = max_size / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    """(new_width, new_height) with the short side `short`, shrunk so the long side <= max_size.
+
+    The official rule, to the pixel (DETR's get_size_with_aspect_ratio): the short side
+    is an int, rounded when max_size shrinks it; the long side is truncated, so a
+    640 x 480 COCO image becomes 1066 x 800, and evaluation sees what the official did.
+    """
+    low, high = min(width, height), max(width, height)
+    if max_size is not None and high / low * short > max_size:
+        short = max(1, int(round(max_size * low / high)))
+    if low == short:
+        return width, height
+    long = int(short * high / low)
+    return (short, long) if width < height else (long, short)
 
 
 def resize(image: Image.Image, target: dict | None, short: int, max_size: int | None = None):

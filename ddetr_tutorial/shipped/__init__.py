@@ -38,19 +38,20 @@ def model_card(name: str) -> Path:
 def resolve_checkpoint(name_or_path) -> Path:
     """A checkpoint file from a shipped name (`"tiny_shapes"`) or a path.
 
-    An existing file wins over a name, so a local file is never shadowed; a name
-    resolves to its file inside the package. Anything else is a ValueError that
-    names the value, the shipped names and that no file exists there.
+    An existing file (or folder: HuggingFace weights) wins over a name, so a local
+    file is never shadowed; a name resolves to its file inside the package. Anything
+    else is a ValueError that names the value, the shipped names and that nothing
+    exists there.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"a checkpoint is a file path or a shipped name ({_names()}), "
                         f"got {type(name_or_path).__name__} {name_or_path!r}")
     path = Path(name_or_path)
-    if path.is_file():
+    if path.is_file() or path.is_dir():
         return path
     if isinstance(name_or_path, str) and name_or_path in SHIPPED:
         return shipped_checkpoint(name_or_path)
-    raise ValueError(f"no checkpoint {os.fspath(name_or_path)!r}: no file exists at "
+    raise ValueError(f"no checkpoint {os.fspath(name_or_path)!r}: nothing exists at "
                      f"{path.resolve()} and it is not a shipped name ({_names()})")
 
 
