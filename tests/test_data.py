@@ -444,8 +444,10 @@ def test_full_train_and_val_recipes_give_normalized_cxcywh():
             assert ((cy - h / 2) >= -1e-6).all() and ((cy + h / 2) <= 1 + 1e-6).all()
     out, _ = val(Image.new("RGB", (200, 128)), None)  # inference: no target
     assert out.shape == (3, 160, 250)
-    out, _ = val(Image.new("RGB", (256, 128)), None)  # long side capped at max_size
-    assert out.shape == (3, 134, 267)
+    # Long side capped at max_size by the official rule: short = round(267 * 128 / 256)
+    # = 134 (half to even), long = int(134 * 256 / 128) = 268, a pixel over, as there.
+    out, _ = val(Image.new("RGB", (256, 128)), None)
+    assert out.shape == (3, 134, 268)
 
 
 def test_random_size_crop_on_an_image_smaller_than_min_size():
@@ -517,7 +519,8 @@ def test_flip_only_augmentation_trains_at_the_evaluation_size():
         sizes.add(tuple(out.shape[1:]))
         flipped.add(round(float(target["boxes"][0, 0]), 4))  # cx, normalized
     val, _ = build_transforms(cfg, "val")(image, None)
-    assert sizes == {(48, 77)} == {tuple(val.shape[1:])}  # short side 48, no crops, no scales
+    # short side 48, the long one int(48 * 64 / 40) = 76; no crops, no scales
+    assert sizes == {(48, 76)} == {tuple(val.shape[1:])}
     assert flipped == {round(12 / 64, 4), round(1 - 12 / 64, 4)}  # flips only
     with pytest.raises(ValueError, match="augment='none': expected one of 'paper', 'flip'"):
         get_config("tiny", augment="none")  # the config refuses it before any transform
