@@ -7,11 +7,13 @@ COCO scoring lives in `coco_eval`, the resumable data order and RNG state in
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -88,6 +90,19 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def broadcast_from_main(model) -> None:
+    """Copy rank 0's parameters and buffers into `model` on every process, in place
+    (nothing to do outside torchrun)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    # DDP keeps the parameters equal, but not the buffers: it broadcasts rank 0's
+    # BatchNorm running statistics before each forward, and each rank's forward then
+    # updates its copy from its own batch, so after the last step they differ.
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            dist.broadcast(tensor.detach(), src=0)
+
+
 def _mean_across_processes(values: dict[str, float]) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or not values:
         return values
@@ -156,19 +171,34 @@ def predict(model, postprocess, loader, device, progress=False):
 
 
 def evaluate(model, postprocess, loader, coco_gt, category_ids, device, progress=False):
-    """COCO bbox evaluation over `loader` (sharded across processes, if any).
-    Returns (metrics dict, printed table); only the main process gets the table."""
+    """COCO bbox evaluation over `loader`. Under torchrun, each process predicts its
+    shard with rank 0's weights and buffers (which it copies first: the weights a
+    checkpoint saves), and the shards must hold each image once (`make_loader` with
+    shuffle=False). Returns (metrics dict, printed table), the same on every process."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        broadcast_from_main(model)
     results, seen = [], []
     for image_ids, detections in predict(model, postprocess, loader, device, progress):
         results += coco_results(detections, image_ids, category_ids)
         seen += image_ids
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (results, seen))
         results = [r for part, _ in gathered for r in part]
         seen = [i for _, part in gathered for i in part]
+    _check_each_image_once(seen)
     metrics, table = coco_eval(coco_gt, results, image_ids=set(seen))
     return metrics, table
+
+
+def _check_each_image_once(image_ids: list[int]) -> None:
+    # COCOeval would score a repeated image's detections twice (a padded sampler).
+    repeated = sorted(i for i, n in Counter(image_ids).items() if n > 1)
+    if repeated:
+        raise ValueError(f"evaluation predicted image ids {repeated[:10]} more than once; "
+                         "the loader (or its shards across processes) must hold each image "
+                         "once, e.g. make_loader(..., shuffle=False)")
 
 
 # ----------------------------------------------------------------------------- logs

@@ -91,13 +91,15 @@ class SeededDataset(Dataset):
 
 class EpochSampler(Sampler):
     """Indices of one epoch: a permutation from (seed, epoch) when shuffling,
-    this rank's share of it (every world_size-th, padded to equal length as
-    DistributedSampler does), starting after `skip` samples (mid-epoch resume)."""
+    this rank's share of it (every world_size-th), starting after `skip` samples
+    (mid-epoch resume). pad=True repeats the first indices so that every rank
+    gets ceil(size / world_size), as DistributedSampler does; pad=False gives
+    uneven shards that together hold each index exactly once."""
 
     def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, pad: bool = True):
         self.size, self.shuffle, self.seed = size, shuffle, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.pad = rank, world_size, pad
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -109,8 +111,9 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
-        per_rank = math.ceil(self.size / self.world_size) if self.size else 0
-        order += order[:per_rank * self.world_size - len(order)]
+        if self.pad:
+            per_rank = math.ceil(self.size / self.world_size) if self.size else 0
+            order += order[:per_rank * self.world_size - len(order)]
         return order[self.rank::self.world_size]
 
     def __iter__(self):
@@ -128,10 +131,19 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, collate_fn, seed: int = 0,
-                num_workers: int = 0, rank: int = 0, world_size: int = 1, drop_last=None):
+                num_workers: int = 0, rank: int = 0, world_size: int = 1, drop_last=None,
+                pad=None):
     """A DataLoader over SeededDataset(dataset) with an EpochSampler; call
-    `set_epoch(loader, epoch, skip_batches)` before each epoch."""
-    sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size)
+    `set_epoch(loader, epoch, skip_batches)` before each epoch. drop_last and
+    pad default to `shuffle`: a training loader drops its partial batch and pads
+    its shard, an evaluation loader (shuffle=False) keeps every image once."""
+    # Training pads so that every rank runs the same number of steps (DDP's
+    # gradient all-reduce needs all ranks at each step). Evaluation must not: a
+    # padded image would be predicted twice and its detections scored twice by
+    # COCOeval; uneven shards are fine there, as the forward passes there are
+    # not collective and the results are gathered as lists of any length.
+    sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size,
+                           pad=shuffle if pad is None else pad)
     # Its own generator: creating an iterator then draws the workers' base seed
     # from it, not from the global RNG, whose sequence a resumed run must replay.
     generator = torch.Generator().manual_seed(seed)
