@@ -196,3 +196,20 @@ def test_resume_config_warns_only_for_changes_it_cannot_honour():
     assert any(changed in m and "no longer an exact continuation" in m
                for m in messages), messages
     assert cfg.lr_drop == saved["lr_drop"] and cfg.dropout == 0.3
+
+
+def test_model_card_after_resume_shows_the_config_that_trained(shapes, tmp_path):
+    # `--set lr=0.5` on --resume is ignored (the saved optimizer's lr trains); the card
+    # once listed it anyway, contradicting the checkpoint beside it.
+    out = tmp_path / "run"
+    base = ["train", "--config", "tiny", "--data", str(shapes), "--out", str(out), "--quiet",
+            "--set", *(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                       for k, v in SMALL.items())]
+    assert cli.main([*base, "--epochs", "1"]) == 0
+    with pytest.warns(engine.ResumeWarning, match=r"lr=0\.5 ignored on resume"):
+        assert cli.main([*base, "lr=0.5", "--epochs", "2", "--resume",
+                         str(checkpoints.latest_checkpoint(out))]) == 0
+    card = (out / "model_card.md").read_text()
+    assert "lr=0.5" in card  # the command, as typed
+    changed = json.loads(card.split("differing from the paper's: `")[1].split("`")[0])
+    assert changed["lr"] == get_config("tiny").lr == 1e-3
