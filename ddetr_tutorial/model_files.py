@@ -25,7 +25,7 @@ from . import __version__
 from .backbone import RESNETS, BasicBlock
 from .checkpoints import read_torch_file, save_checkpoint
 from .config import Config, build_model
-from .data.coco_categories import COCO_NUM_CLASSES, coco_label_space
+from .data.coco_categories import COCO_NUM_CLASSES, UNUSED, coco_label_space
 from .shipped import resolve_checkpoint
 from .weights import _check_dilation, _load_state, _read_safetensors, _unwrap, hf_to_official
 
@@ -147,13 +147,13 @@ def _huggingface(path: Path, hf_state: StateDict) -> ModelFile:
         hf = json.loads(config_json.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{os.fspath(config_json)} is not valid JSON: {err}") from err
-    fields, names = _fields_from_hf_config(hf, config_json)
+    fields, labels = _fields_from_hf_config(hf, config_json)
     if "num_classes" not in fields:
         fields["num_classes"] = variant_from_keys(state, path)[0]["num_classes"]
     cfg = _config(fields, path, "config.json")
     meta = _label_space(cfg.num_classes)
-    if names and len(names) == cfg.num_classes:
-        meta["class_names"] = names
+    if labels and max(labels) < cfg.num_classes:  # id2label may skip COCO's unused ids
+        meta["class_names"] = [labels.get(i, UNUSED) for i in range(cfg.num_classes)]
     return ModelFile("hf", path, cfg, state, meta, "config.json")
 
 
@@ -198,8 +198,8 @@ _HF_SAME = (("encoder_attention_heads", "decoder_attention_heads"),
             ("encoder_ffn_dim", "decoder_ffn_dim"))
 
 
-def _fields_from_hf_config(hf: dict, where: Path) -> tuple[dict, list[str]]:
-    """Our config fields and the class names from a transformers config.json."""
+def _fields_from_hf_config(hf: dict, where: Path) -> tuple[dict, dict[int, str]]:
+    """Our config fields and {label: class name} from a transformers config.json."""
     if hf.get("model_type") != "deformable_detr":
         raise ValueError(f"{os.fspath(where)} has model_type={hf.get('model_type')!r}; "
                          f"expected 'deformable_detr' (DeformableDetrForObjectDetection)")
@@ -213,17 +213,16 @@ def _fields_from_hf_config(hf: dict, where: Path) -> tuple[dict, list[str]]:
     queries = hf.get("two_stage_num_proposals") if hf.get("two_stage") else hf.get("num_queries")
     if queries is not None:
         fields["num_queries"] = queries
-    names = []
+    labels = {}
     id2label = hf.get("id2label")
     if isinstance(id2label, Mapping) and id2label:
         try:
             labels = {int(k): str(v) for k, v in id2label.items()}
         except (TypeError, ValueError) as err:
             raise ValueError(f"{os.fspath(where)}: id2label keys must be integers: {err}") from err
-        if sorted(labels) == list(range(len(labels))):
+        if sorted(labels) == list(range(len(labels))):  # else the class head's rows tell
             fields["num_classes"] = len(labels)
-            names = [labels[i] for i in range(len(labels))]
-    return fields, names
+    return fields, labels
 
 
 # ------------------------------------------------------------------ the variant from keys

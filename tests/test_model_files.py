@@ -330,3 +330,26 @@ def test_init_from_under_torchrun(tmp_path):
     key = "backbone.0.body.conv1.weight"
     ours = model.state_dict()[key]
     assert (ours - shipped.state_dict()[key]).norm() < (ours - fresh.state_dict()[key]).norm()
+
+
+def test_the_notebook_explorer_opens_any_checkpoint(small_official_file, coco_shapes):
+    pytest.importorskip("ipywidgets")
+    from ddetr_tutorial.visualize import SamplingExplorer
+
+    image = next((coco_shapes / "val").iterdir())
+    explorer = SamplingExplorer.from_checkpoint(small_official_file[0], image)
+    assert "official Deformable DETR checkpoint, resnet18" in explorer.detected
+    assert explorer.data["image_size"] == (800, 800)  # the official evaluation size
+    assert explorer.class_names[PERSON] == "person"
+    explorer.update(kind="encoder", pixel=(400.0, 400.0))
+    assert explorer.png()[:4] == b"\x89PNG"
+
+
+def test_hf_id2label_without_the_unused_ids_still_names_the_coco_rows(tmp_path):
+    torch.save(official_to_hf(on_meta("base")), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "deformable_detr", "id2label": {str(i): n for i, n in
+                                                      COCO_CATEGORIES.items()}}))
+    found = read_model_file(tmp_path)
+    assert found.cfg.num_classes == 91  # from the class head: the 80 ids are not contiguous
+    assert found.meta["class_names"][18] == "dog" and found.meta["class_names"][12] == "N/A"

@@ -11,6 +11,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..config import build_transforms
+from ..data import read_rgb
+from ..model_files import load_model
 from .figures import (
     _box,
     _class_name,
@@ -142,6 +145,21 @@ class SamplingExplorer:
         self._live = _ipympl_active()
         self._build(widgets)
         self.redraw()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, images, device="cpu", **kwargs) -> "SamplingExplorer":
+        """An explorer over any checkpoint (ours, an official .pth, a HuggingFace folder;
+        see `model_files.load_model`), with its evaluation transform and class names.
+        images: image files or PIL images (one or a list); kwargs: as the constructor."""
+        model, cfg, _, meta = load_model(checkpoint, device=device)
+        single = not isinstance(images, (list, tuple))
+        loaded = [read_rgb(im, "image") if not hasattr(im, "size") else im
+                  for im in ([images] if single else images)]
+        kwargs.setdefault("transform", build_transforms(cfg, "val"))
+        kwargs.setdefault("class_names", meta.get("class_names") or None)
+        explorer = cls(model, loaded[0] if single else loaded, **kwargs)
+        explorer.detected = meta["detected"]
+        return explorer
 
     @property
     def data(self) -> dict:
