@@ -338,12 +338,15 @@ class Joiner(nn.Sequential):
 def build_backbone(*, name: str = "resnet50", hidden_dim: int = 256, train_backbone: bool = True,
                    return_interm_layers: bool = True, dilation: bool = False,
                    pretrained: str | os.PathLike | None = None, norm: str = "frozen",
-                   train_stem: bool = False, width: int = 64) -> Joiner:
-    """Backbone + sine position encoding of width hidden_dim (C), as the detector uses them."""
+                   train_stem: bool = False, width: int = 64,
+                   position_offset: float = 0.5) -> Joiner:
+    """Backbone + sine position encoding of width hidden_dim (C), as the detector uses them
+    (position_offset: 0.5 in Deformable DETR, 0 in DETR; see PositionEmbeddingSine)."""
     backbone = Backbone(name, train_backbone=train_backbone,
                         return_interm_layers=return_interm_layers, dilation=dilation,
                         pretrained=pretrained, norm=norm, train_stem=train_stem, width=width)
-    return Joiner(backbone, build_position_encoding(hidden_dim=hidden_dim))
+    return Joiner(backbone, build_position_encoding(hidden_dim=hidden_dim,
+                                                    offset=position_offset))
 
 
 __all__ = ["FrozenBatchNorm2d", "unfreeze_batch_norm", "BasicBlock", "Bottleneck", "ResNet",

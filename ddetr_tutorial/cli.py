@@ -331,7 +331,8 @@ def make_parser() -> argparse.ArgumentParser:
                             "--nproc_per_node=G -m ddetr_tutorial train ...` it trains with "
                             "DistributedDataParallel (nccl on GPU, gloo on CPU).")
     p.add_argument("--config", default=None, help="preset: tiny, paper, single_scale, dc5, "
-                   "box_refine, two_stage, detr (default tiny; not with --init-from)")
+                   "box_refine, two_stage, detr, detr_dc5, detr_plus, detr_dc5_plus (default "
+                   "tiny; not with --init-from)")
     p.add_argument("--init-from", type=_checkpoint, default=None, metavar="CKPT",
                    help="fine-tune: start from the weights of any checkpoint (" + CHECKPOINT_HELP
                    + "); its config is the base, --set changes it, and the class head is "

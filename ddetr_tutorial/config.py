@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from .backbone import RESNETS, build_backbone
 from .data import make_transforms, scale_for
 from .data.transforms import PAPER_MAX_SIZE, PAPER_SCALES
+from .detr import DETR
 from .losses import SetCriterion, weight_dict
 from .matcher import HungarianMatcher
-from .model import DETR, DeformableDETR, PostProcess
+from .model import DeformableDETR, PostProcess
 from .ops import BACKEND_CHOICES
 from .transformer import DeformableTransformer
 
@@ -31,7 +32,7 @@ class Config:
     TypeError, a value out of range or a rule between fields broken ValueError."""
 
     # --- model (paper Sec. 5 "Implementation details")
-    model: str = "deformable"        # "deformable", or "detr" for the dense DETR baseline
+    model: str = "deformable"        # "deformable", or "detr" for the dense DETR
     backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50 / resnet101
     backbone_width: int = 64         # base channels (64 = torchvision; 32 = a quarter the cost)
     dilation: bool = False           # DC5: dilate the last stage (C5 at stride 16)
@@ -53,6 +54,10 @@ class Config:
     num_queries: int = 300           # Q (also the number of two-stage proposals)
     num_classes: int = 91            # sigmoid classes; COCO's ids go up to 90
     aux_loss: bool = True            # losses on every decoder layer
+    no_object: bool = False          # DETR's softmax head with a "no object" class (else
+                                     # Deformable DETR's sigmoid focal head); model="detr"
+    eos_coef: float = 0.1            # DETR: the no-object class's weight in the loss
+    position_offset: float = 0.5     # sine positions: 0.5 (pixel centres) here, 0 in DETR
     with_box_refine: bool = False    # Sec. 4.2, iterative bounding box refinement
     two_stage: bool = False          # Sec. 4.2, two-stage (needs with_box_refine)
     op_backend: str = "auto"         # ms_deform_attn backend: auto / pytorch / cpu / cuda
@@ -124,6 +129,8 @@ RANGES = {
     "bbox_loss_coef": (0.0, None, True),
     "giou_loss_coef": (0.0, None, True),
     "focal_alpha": (0.0, 1.0, True),
+    "eos_coef": (0.0, None, True),
+    "position_offset": (0.0, 1.0, True),
     "num_select": (1, None, True),
     "lr": (0.0, None, False),
     "lr_backbone": (0.0, None, True),
@@ -207,6 +214,9 @@ def _check_together(cfg: Config) -> None:
         raise ValueError(f"config field model='detr': expected with_box_refine=False and "
                          f"two_stage=False (the DETR baseline has neither), got "
                          f"with_box_refine={cfg.with_box_refine}, two_stage={cfg.two_stage}")
+    if cfg.no_object and cfg.model != "detr":
+        raise ValueError(f"config field no_object=True needs model='detr', got "
+                         f"model={cfg.model!r} (Deformable DETR's head is sigmoid focal)")
     if not (cfg.set_cost_class or cfg.set_cost_bbox or cfg.set_cost_giou):
         raise ValueError("config fields set_cost_class, set_cost_bbox, set_cost_giou are all 0: "
                          "expected at least one > 0 (else every matching costs the same)")
@@ -227,13 +237,29 @@ def tiny() -> Config:
                   image_size=96, augment="flip")
 
 
+def detr() -> Config:
+    """The original DETR (facebookresearch/detr main.py defaults): softmax with a no-object
+    class (eos 0.1), 100 queries, dense 6+6 layers with FFN 2048, one C5 map, matching
+    and loss weights 1 / 5 / 2, lr 1e-4 (backbone 1e-5), 300 epochs with a drop at 200."""
+    return Config(model="detr", no_object=True, eos_coef=0.1, position_offset=0.0,
+                  num_feature_levels=1, num_queries=100, dim_feedforward=2048,
+                  set_cost_class=1.0, cls_loss_coef=1.0, lr=1e-4, lr_backbone=1e-5,
+                  epochs=300, lr_drop=200)
+
+
 PRESETS = {
     "paper": Config,
     "single_scale": lambda: Config(num_feature_levels=1),
     "dc5": lambda: Config(dilation=True),
     "box_refine": lambda: Config(with_box_refine=True),
     "two_stage": lambda: Config(with_box_refine=True, two_stage=True),
-    "detr": lambda: Config(model="detr", num_queries=100, dim_feedforward=2048),
+    "detr": detr,
+    "detr_dc5": lambda: detr().replace(dilation=True),
+    # Deformable DETR's Table 1 "DETR+" baselines: DETR with the focal head and
+    # Deformable DETR's recipe, so the two differ only in attention and scales.
+    "detr_plus": lambda: Config(model="detr", num_queries=100, dim_feedforward=2048),
+    "detr_dc5_plus": lambda: Config(model="detr", num_queries=100, dim_feedforward=2048,
+                                    dilation=True),
     "tiny": tiny,
 }
 
@@ -260,6 +286,7 @@ def build_model(cfg: Config):
     """-> (model, criterion, postprocessor) for `cfg` (a `Config`, checked when built)."""
     detr = cfg.model == "detr"
     backbone = build_backbone(name=cfg.backbone, hidden_dim=cfg.hidden_dim,
+                              position_offset=cfg.position_offset,
                               train_backbone=cfg.train_backbone,
                               return_interm_layers=cfg.num_feature_levels > 1 and not detr,
                               dilation=cfg.dilation, pretrained=cfg.pretrained_backbone,
@@ -269,7 +296,7 @@ def build_model(cfg: Config):
         model = DETR(backbone, cfg.num_classes, cfg.num_queries, d_model=cfg.hidden_dim,
                      n_heads=cfg.nheads, num_encoder_layers=cfg.enc_layers,
                      num_decoder_layers=cfg.dec_layers, d_ffn=cfg.dim_feedforward,
-                     dropout=cfg.dropout, aux_loss=cfg.aux_loss)
+                     dropout=cfg.dropout, aux_loss=cfg.aux_loss, no_object=cfg.no_object)
     else:
         transformer = DeformableTransformer(
             d_model=cfg.hidden_dim, n_heads=cfg.nheads, num_encoder_layers=cfg.enc_layers,
@@ -282,9 +309,11 @@ def build_model(cfg: Config):
                                n_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
                                with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage)
     matcher = HungarianMatcher(cost_class=cfg.set_cost_class, cost_bbox=cfg.set_cost_bbox,
-                               cost_giou=cfg.set_cost_giou, focal_alpha=cfg.focal_alpha)
+                               cost_giou=cfg.set_cost_giou, focal_alpha=cfg.focal_alpha,
+                               no_object=cfg.no_object)
     weights = weight_dict(cls=cfg.cls_loss_coef, bbox=cfg.bbox_loss_coef,
                           giou=cfg.giou_loss_coef, num_decoder_layers=cfg.dec_layers,
                           aux_loss=cfg.aux_loss, two_stage=cfg.two_stage and not detr)
-    criterion = SetCriterion(cfg.num_classes, matcher, weights, focal_alpha=cfg.focal_alpha)
-    return model, criterion, PostProcess(cfg.num_select)
+    criterion = SetCriterion(cfg.num_classes, matcher, weights, focal_alpha=cfg.focal_alpha,
+                             no_object=cfg.no_object, eos_coef=cfg.eos_coef)
+    return model, criterion, PostProcess(cfg.num_select, no_object=cfg.no_object)

@@ -1,11 +1,12 @@
-"""The set criterion: sigmoid focal loss, L1 and GIoU on Hungarian-matched pairs.
+"""The set criterion: sigmoid focal loss (or DETR's softmax), L1 and GIoU on matched pairs.
 
 After the matcher pairs queries with targets, every query is supervised:
 matched ones towards their target's class and box, the others towards "no
-object" (all class probabilities low). Deformable DETR replaces DETR's softmax
-cross-entropy with a sigmoid focal loss (Lin et al., 2017) and repeats the
-loss on every decoder layer (auxiliary losses) and, in the two-stage variant,
-on the encoder's class-agnostic proposals.
+object". DETR's softmax has an explicit no-object class, down-weighted by
+eos_coef = 0.1 because most queries are unmatched. Deformable DETR replaces it
+with a sigmoid focal loss (Lin et al., 2017), where "no object" means all class
+probabilities low, and repeats the loss on every decoder layer (auxiliary
+losses) and, in the two-stage variant, on the encoder's class-agnostic proposals.
 """
 
 from __future__ import annotations
@@ -79,21 +80,27 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: dict[str, float],
-                 losses=LOSS_NAMES, focal_alpha: float = 0.25):
+                 losses=LOSS_NAMES, focal_alpha: float = 0.25, no_object: bool = False,
+                 eos_coef: float = 0.1):
         super().__init__()
         unknown = [name for name in losses if name not in LOSS_NAMES]
         if unknown:
             raise ValueError(f"unknown losses {unknown}; choose from {LOSS_NAMES}")
         self.num_classes, self.matcher, self.weight_dict = num_classes, matcher, dict(weight_dict)
         self.losses, self.focal_alpha = tuple(losses), focal_alpha
+        self.no_object = no_object  # DETR's softmax head: num_classes + 1 logits
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef  # most queries are "no object": weigh them less
+        self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         """outputs: `pred_logits` (N, Q, num_classes), `pred_boxes` (N, Q, 4), optional
         `aux_outputs` and `enc_outputs`; targets: N dicts of `labels` (T_i,), `boxes` (T_i, 4)."""
-        num_classes = outputs["pred_logits"].shape[-1]
+        num_classes = outputs["pred_logits"].shape[-1] - self.no_object
         if num_classes != self.num_classes:
-            raise ValueError(f"pred_logits has {num_classes} classes, the criterion expects "
-                             f"num_classes={self.num_classes}")
+            raise ValueError(f"pred_logits has {num_classes + self.no_object} classes, the "
+                             f"criterion expects num_classes={self.num_classes}"
+                             + (" + 1 (no object)" if self.no_object else ""))
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
         losses = self.layer_losses(outputs, targets, num_boxes, log=True)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
@@ -120,14 +127,24 @@ class SetCriterion(nn.Module):
         return {name + suffix: value for name, value in losses.items()}
 
     def loss_labels(self, outputs, targets, indices, num_boxes, log=False) -> dict[str, Tensor]:
-        """Focal loss on every (query, class): 1 for matched queries' labels, 0 everywhere else."""
-        logits = outputs["pred_logits"]  # (N, Q, num_classes)
+        """Focal loss on every (query, class): 1 for matched queries' labels, 0 everywhere
+        else. Softmax head: cross-entropy of every query against its matched label or
+        "no object" (the last class), weighted mean over the queries as in DETR."""
+        logits = outputs["pred_logits"]  # (N, Q, num_classes [+ 1])
         image_idx, query_idx = _matched_queries(indices, logits.device)
         labels = _matched_targets(targets, indices, "labels", logits.device).long()  # (T_matched,)
-        onehot = torch.zeros_like(logits)
-        onehot[image_idx, query_idx, labels] = 1
-        # Times Q: undoes the mean over queries inside the focal loss, as the official code does.
-        loss_ce = sigmoid_focal_loss(logits, onehot, num_boxes, self.focal_alpha) * logits.shape[1]
+        if self.no_object:
+            target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.long,
+                                        device=logits.device)  # (N, Q): "no object" ...
+            target_classes[image_idx, query_idx] = labels  # ... but for the matched queries
+            loss_ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes,
+                                      self.empty_weight.to(logits.device))
+        else:
+            onehot = torch.zeros_like(logits)
+            onehot[image_idx, query_idx, labels] = 1
+            # Times Q: undoes the mean over queries inside the focal loss, as official.
+            loss_ce = (sigmoid_focal_loss(logits, onehot, num_boxes, self.focal_alpha)
+                       * logits.shape[1])
         losses = {"loss_ce": loss_ce}
         if log:
             losses["class_error"] = _class_error(logits[image_idx, query_idx].detach(), labels)

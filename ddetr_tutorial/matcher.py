@@ -58,16 +58,27 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25,
     return (pos - neg).gather(-1, index)
 
 
+def softmax_class_cost(logits: Tensor, labels: Tensor) -> Tensor:
+    """DETR's classification cost (P, T): -p(label), with p the softmax over the
+    num_classes + 1 logits (the last, "no object", only takes probability away).
+    DETR approximates the NLL by 1 - p; the 1 cannot change the assignment."""
+    prob = logits.softmax(-1)
+    index = labels.unsqueeze(-2).expand(*prob.shape[:-1], labels.shape[-1])
+    return -prob.gather(-1, index)
+
+
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of Q queries to T targets per image.
 
     cost = cost_class * focal class cost + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU),
-    with the official weights 2, 5, 2. Returns, per image, (query_idx, target_idx)
-    int64 tensors of length min(Q, T): query query_idx[k] predicts target target_idx[k].
+    with the official weights 2, 5, 2 (DETR's softmax head, `no_object=True`: the
+    class cost is -p(label), weights 1, 5, 2). Returns, per image, (query_idx,
+    target_idx) int64 tensors of length min(Q, T): query query_idx[k] predicts
+    target target_idx[k].
     """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, no_object: bool = False):
         super().__init__()
         weights = {"cost_class": cost_class, "cost_bbox": cost_bbox, "cost_giou": cost_giou}
         for name, value in weights.items():
@@ -78,6 +89,7 @@ class HungarianMatcher(nn.Module):
                              "every assignment would cost the same")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.no_object = no_object
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
@@ -88,7 +100,7 @@ class HungarianMatcher(nn.Module):
             raise ValueError(f"expected pred_logits (N, Q, num_classes) and pred_boxes (N, Q, 4), "
                              f"got {tuple(logits.shape)} and {tuple(boxes.shape)}")
         N, Q, num_classes = logits.shape
-        check_targets(targets, N, num_classes)
+        check_targets(targets, N, num_classes - self.no_object)
         sizes = [len(t["labels"]) for t in targets]
         if sum(sizes) == 0:
             empty = torch.empty(0, dtype=torch.int64)
@@ -121,7 +133,8 @@ class HungarianMatcher(nn.Module):
         G = N images of P = Q queries each, or one group (G = 1) of P = N*Q."""
         # The callers pass float32: fp16 overflows in the logs, bf16 cannot go to
         # numpy, and scipy then fails with "matrix contains invalid numeric entries".
-        cost_class = focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma)
+        cost_class = (softmax_class_cost(logits, labels) if self.no_object
+                      else focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma))
         _check_finite("class", cost_class, num_queries, sizes)
         # L1 on cxcywh alone favours big boxes being matched loosely; GIoU is
         # scale-invariant and complements it.

@@ -1,4 +1,4 @@
-"""Deformable DETR (+ iterative box refinement, + two-stage), a DETR baseline, post-processing.
+"""Deformable DETR (+ iterative box refinement, + two-stage), and post-processing.
 
 The forward pass reads like the paper's Fig. 1:
 backbone -> input projections -> flatten levels -> encoder -> decoder -> heads.
@@ -165,106 +165,20 @@ def _detection_output(logits, boxes, aux_loss, enc_outputs=None) -> DetectionOut
     return DetectionOutput(logits[-1], boxes[-1], aux, enc_outputs)
 
 
-# ------------------------------------------------------------------------- DETR baseline
-
-class DETREncoderLayer(nn.Module):
-    """Dense self-attention over all pixels of one map (O(S^2)), FFN, post-norm."""
-
-    def __init__(self, d_model, n_heads, d_ffn, dropout):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, src, pos, padding_mask):
-        q = k = src + pos
-        attended = self.self_attn(q, k, src, key_padding_mask=padding_mask, need_weights=False)[0]
-        src = self.norm1(src + self.dropout(attended))
-        return self.norm2(src + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(src))))))
-
-
-class DETRDecoderLayer(nn.Module):
-    """Query self-attention, dense cross-attention to every pixel, FFN, post-norm."""
-
-    def __init__(self, d_model, n_heads, d_ffn, dropout):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, tgt, query_pos, memory, pos, padding_mask):
-        q = k = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        attended = self.cross_attn(tgt + query_pos, memory + pos, memory,
-                                   key_padding_mask=padding_mask, need_weights=False)[0]
-        tgt = self.norm2(tgt + self.dropout(attended))
-        return self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
-
-
-class DETR(nn.Module):
-    """The DETR baseline (Carion et al. 2020) on the same backbone, for comparisons.
-
-    Single scale (the last backbone map), dense attention in the encoder and
-    decoder, learned queries decoded from zeros. Classification uses sigmoid
-    focal loss like Deformable DETR (the paper's "DETR-DC5+" setting), so the
-    two share one criterion and post-processor.
-    """
-
-    def __init__(self, backbone, num_classes, num_queries=100, d_model=256, n_heads=8,
-                 num_encoder_layers=6, num_decoder_layers=6, d_ffn=2048,
-                 dropout=0.1, aux_loss=True):
-        super().__init__()
-        self.backbone, self.aux_loss = backbone, aux_loss
-        self.input_proj = nn.Conv2d(backbone.num_channels[-1], d_model, kernel_size=1)
-        self.encoder = nn.ModuleList(DETREncoderLayer(d_model, n_heads, d_ffn, dropout)
-                                     for _ in range(num_encoder_layers))
-        self.decoder = nn.ModuleList(DETRDecoderLayer(d_model, n_heads, d_ffn, dropout)
-                                     for _ in range(num_decoder_layers))
-        self.decoder_norm = nn.LayerNorm(d_model)
-        self.query_embed = nn.Embedding(num_queries, d_model)
-        self.class_embed = nn.Linear(d_model, num_classes)
-        self.bbox_embed = MLP(d_model, d_model, 4, 3)
-        for name, p in self.named_parameters():
-            if p.dim() > 1 and not name.startswith("backbone"):
-                nn.init.xavier_uniform_(p)
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
-
-    def forward(self, images, mask) -> DetectionOutput:
-        """Same inputs and outputs as `DeformableDETR.forward` (no enc_outputs)."""
-        features, masks, pos = self.backbone(images, mask)
-        src = self.input_proj(features[-1]).flatten(2).transpose(1, 2)  # (N, S, C)
-        pos = pos[-1].flatten(2).transpose(1, 2)
-        padding = masks[-1].flatten(1)  # (N, S)
-        for layer in self.encoder:
-            src = layer(src, pos, padding)
-        query_pos = self.query_embed.weight.unsqueeze(0).expand(src.shape[0], -1, -1)
-        tgt = torch.zeros_like(query_pos)
-        hs = []
-        for layer in self.decoder:
-            tgt = layer(tgt, query_pos, src, pos, padding)
-            hs.append(self.decoder_norm(tgt))
-        hs = torch.stack(hs)  # (layers, N, Q, C)
-        logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
-        return _detection_output(logits, boxes, self.aux_loss)
-
-
 # ------------------------------------------------------------------------- post-processing
 
 class PostProcess(nn.Module):
     """Model outputs -> per-image detections in absolute xyxy pixels.
 
-    Scores are sigmoid probabilities; the top `num_select` over all
-    (query, class) pairs are kept, so one query may yield several classes.
+    Sigmoid heads: the top `num_select` over all (query, class) probabilities, so one
+    query may yield several classes. Softmax heads (`no_object=True`, the original
+    DETR, whose last class is "no object"): each query's best real class, the
+    `num_select` best queries kept (DETR keeps all 100).
     """
 
-    def __init__(self, num_select: int = 100):
+    def __init__(self, num_select: int = 100, no_object: bool = False):
         super().__init__()
-        self.num_select = num_select
+        self.num_select, self.no_object = num_select, no_object
 
     @torch.no_grad()
     def forward(self, outputs, target_sizes):
@@ -275,10 +189,14 @@ class PostProcess(nn.Module):
             raise ValueError(f"target_sizes must be (N, 2) = ({logits.shape[0]}, 2), got "
                              f"{tuple(target_sizes.shape)}")
         N, Q, classes = logits.shape
-        probs = logits.sigmoid().flatten(1)  # (N, Q * classes)
-        k = min(self.num_select, Q * classes)
-        scores, index = probs.topk(k, dim=1)
-        query, labels = index // classes, index % classes
+        if self.no_object:
+            scores, labels = logits.float().softmax(-1)[..., :-1].max(-1)  # (N, Q)
+            scores, query = scores.topk(min(self.num_select, Q), dim=1)
+            labels = labels.gather(1, query)
+        else:
+            probs = logits.sigmoid().flatten(1)  # (N, Q * classes)
+            scores, index = probs.topk(min(self.num_select, Q * classes), dim=1)
+            query, labels = index // classes, index % classes
         boxes_xyxy = box_cxcywh_to_xyxy(boxes.float())
         boxes_xyxy = torch.gather(boxes_xyxy, 1, query[..., None].expand(-1, -1, 4))
         h, w = target_sizes.float().unbind(1)

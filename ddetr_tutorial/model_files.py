@@ -24,7 +24,7 @@ from torch import nn
 from . import __version__
 from .backbone import RESNETS, BasicBlock
 from .checkpoints import read_torch_file, save_checkpoint
-from .config import Config, build_model
+from .config import Config, build_model, get_config
 from .data.coco_categories import COCO_NUM_CLASSES, UNUSED, coco_label_space
 from .shipped import resolve_checkpoint
 from .weights import _check_dilation, _load_state, _read_safetensors, _unwrap, hf_to_official
@@ -64,10 +64,13 @@ class ModelFile:
                                         ("two-stage", cfg.two_stage)) if on]
         coco = " (COCO)" if self.meta.get("category_ids") == coco_label_space()[0] else ""
         parts += [f"{cfg.num_queries} queries", f"{cfg.num_classes} classes{coco}"]
-        if cfg.model != "deformable":
-            parts.insert(0, f"model={cfg.model}")
+        kind = KINDS[self.kind]
+        if cfg.model == "detr":
+            head = "softmax + no-object" if cfg.no_object else "focal"
+            kind = kind.replace("Deformable DETR", "DETR") if self.kind == "official" else kind
+            parts.insert(0, f"model=detr ({head})")
         assumed = f"; assumed {', '.join(self.notes)}" if self.notes else ""
-        return (f"{os.fspath(self.path)}: {KINDS[self.kind]}, {', '.join(parts)} "
+        return (f"{os.fspath(self.path)}: {kind}, {', '.join(parts)} "
                 f"(variant from {self.found_in}{assumed})")
 
 
@@ -123,12 +126,14 @@ def _ours(path: Path, obj: Mapping) -> ModelFile:
 
 def _official(path: Path, state: StateDict, args, epoch=None) -> ModelFile:
     found, notes = variant_from_keys(state, path)
+    # DETR's files come from facebookresearch/detr: its main.py's defaults are the base.
+    base = DETR_BASE if found.get("model") == "detr" else {}
     if args is not None:  # what the keys cannot tell (heads vs points, DC5) is in the args
         given = vars(args) if hasattr(args, "__dict__") else dict(args)
-        fields = {k: v for k, v in given.items() if k in _ARGS_FIELDS}
+        fields = {**base, **{k: v for k, v in given.items() if k in _ARGS_FIELDS}}
         fields["num_classes"], found_in, notes = found["num_classes"], "its saved args", []
     else:
-        fields, found_in = found, "its keys"
+        fields, found_in = {**base, **found}, "its keys"
     cfg = _config(fields, path, found_in)
     saved = {"epoch": epoch} if isinstance(epoch, int) else {}
     return ModelFile("official", path, cfg, state, _label_space(cfg.num_classes), found_in,
@@ -180,7 +185,12 @@ _ARGS_FIELDS = ("backbone", "dilation", "num_feature_levels", "enc_layers", "dec
                 "set_cost_class", "set_cost_bbox", "set_cost_giou", "cls_loss_coef",
                 "bbox_loss_coef", "giou_loss_coef", "focal_alpha", "lr", "lr_backbone",
                 "lr_linear_proj_mult", "weight_decay", "batch_size", "epochs", "lr_drop",
-                "clip_max_norm")
+                "clip_max_norm", "eos_coef")
+# The fields that make facebookresearch/detr's model and recipe (get_config("detr")).
+DETR_BASE = {k: v for k, v in get_config("detr").to_dict().items()
+             if k in ("model", "no_object", "eos_coef", "position_offset", "num_feature_levels",
+                      "num_queries", "dim_feedforward", "set_cost_class", "cls_loss_coef",
+                      "lr", "lr_backbone", "epochs", "lr_drop")}
 
 # HuggingFace DeformableDetrConfig name -> our field.
 _HF_FIELDS = {"d_model": "hidden_dim", "encoder_layers": "enc_layers",
@@ -237,6 +247,8 @@ def variant_from_keys(state: Mapping[str, torch.Tensor], where) -> tuple[dict, l
     keys and shapes alone, and what had to be assumed: the number of heads M (the
     keys give M*L*K), C5 without dilation (DC5 has the same keys) and, for two-stage,
     300 proposals (no tensor's shape holds their number)."""
+    if _DETR_KEY in state:
+        return _detr_from_keys(state, where)
     for key in ("transformer.level_embed", "class_embed.0.weight", "backbone.0.body.conv1.weight"):
         if key not in state:
             raise ValueError(f"{os.fspath(where)} has no {key}: not a Deformable DETR state "
@@ -271,6 +283,26 @@ def variant_from_keys(state: Mapping[str, torch.Tensor], where) -> tuple[dict, l
     else:
         fields["num_queries"] = state["query_embed.weight"].shape[0]
     return fields, notes
+
+
+_DETR_KEY = "transformer.decoder.layers.0.multihead_attn.in_proj_weight"
+
+
+def _detr_from_keys(state, where) -> tuple[dict, list[str]]:
+    """facebookresearch/detr's layout: one class head of num_classes + 1 rows (the last
+    "no object"), (Q, C) queries, dense layers whose heads the keys do not tell."""
+    layers = {"encoder": set(), "decoder": set()}
+    for key in state:
+        match = _LAYER.match(key)
+        if match:
+            layers[match[1]].add(int(match[2]))
+    queries, width = state["query_embed.weight"].shape
+    fields = {**DETR_BASE, "hidden_dim": width, "num_queries": queries,
+              "num_classes": state["class_embed.weight"].shape[0] - 1,
+              "enc_layers": len(layers["encoder"]), "dec_layers": len(layers["decoder"]),
+              "dim_feedforward": state["transformer.decoder.layers.0.linear1.weight"].shape[0],
+              "nheads": ASSUMED_HEADS, **_backbone_from_keys(state, where)}
+    return fields, [f"nheads={ASSUMED_HEADS}", "dilation=False"]
 
 
 def _backbone_from_keys(state, where) -> dict:

@@ -25,11 +25,12 @@ class PositionEmbeddingSine(nn.Module):
     num_pos_feats: F, features per axis (C = 2F in total, F even).
     temperature: T, sets the longest wavelength.
     normalize: map the pixel-center positions to (0, scale) per image;
-    scale: 2*pi by default.
+    scale: 2*pi by default. offset: subtracted from the 1-based positions before
+    normalizing: 0.5 (pixel centres) in Deformable DETR, 0 in DETR.
     """
 
     def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0,
-                 normalize: bool = True, scale: float = 2 * math.pi):
+                 normalize: bool = True, scale: float = 2 * math.pi, offset: float = 0.5):
         super().__init__()
         if num_pos_feats <= 0 or num_pos_feats % 2 != 0:
             raise ValueError(f"num_pos_feats must be a positive even number (sin and cos "
@@ -38,6 +39,7 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = scale
+        self.offset = offset
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
         """mask: (N, H, W) bool, True on padding. Returns (N, 2F, H, W) float32:
@@ -57,12 +59,12 @@ class PositionEmbeddingSine(nn.Module):
         y_embed = not_mask.cumsum(1, dtype=torch.float32)
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
-            # The official code subtracts 0.5 (pixel centers) where DETR does not;
-            # keep it so checkpoints see the codes they were trained with. The last
-            # row / column holds the valid height / width; eps avoids 0/0 on padding.
+            # Deformable DETR subtracts 0.5 (pixel centers) where DETR does not; each
+            # keeps its own, so checkpoints see the codes they were trained with. The
+            # last row / column holds the valid height / width; eps avoids 0/0 on padding.
             eps = 1e-6
-            y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+            y_embed = (y_embed - self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = (x_embed - self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
         return y_embed, x_embed
 
     def _encode(self, position: torch.Tensor) -> torch.Tensor:
@@ -77,13 +79,14 @@ class PositionEmbeddingSine(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_pos_feats={self.num_pos_feats}, temperature={self.temperature}, "
-                f"normalize={self.normalize}, scale={self.scale:.4f}")
+                f"normalize={self.normalize}, scale={self.scale:.4f}, offset={self.offset}")
 
 
-def build_position_encoding(*, hidden_dim: int = 256, temperature: float = 10000.0
-                            ) -> PositionEmbeddingSine:
+def build_position_encoding(*, hidden_dim: int = 256, temperature: float = 10000.0,
+                            offset: float = 0.5) -> PositionEmbeddingSine:
     """The encoding for a model of width C = hidden_dim: F = C / 2 features per axis."""
     if hidden_dim <= 0 or hidden_dim % 4 != 0:
         raise ValueError(f"hidden_dim must be a positive multiple of 4 (two axes of sin/cos "
                          f"pairs), got {hidden_dim}")
-    return PositionEmbeddingSine(hidden_dim // 2, temperature=temperature, normalize=True)
+    return PositionEmbeddingSine(hidden_dim // 2, temperature=temperature, normalize=True,
+                                 offset=offset)

@@ -2,7 +2,9 @@
 
 tests/reference/official_keys_{base,single_scale,box_refine,two_stage}.txt list
 every key and shape of the four official variants, made by instantiating the
-official code (fundamentalvision/Deformable-DETR @ 11169a6).
+official code (fundamentalvision/Deformable-DETR @ 11169a6);
+official_keys_detr_r50[_dc5].txt those of DETR (facebookresearch/detr, named on
+their first line).
 """
 
 import ast
@@ -16,12 +18,16 @@ REFERENCE = Path(__file__).resolve().parent / "reference"
 # config preset -> key-list name
 PRESET_KEYS = {"paper": "base", "single_scale": "single_scale", "box_refine": "box_refine",
                "two_stage": "two_stage"}
+# facebookresearch/detr @ 29901c5 (first line of each file): config preset -> key-list name
+DETR_PRESET_KEYS = {"detr": "detr_r50", "detr_dc5": "detr_r50_dc5"}
 
 
 def official_keys(name: str) -> dict[str, tuple[int, ...]]:
     """{key: shape} of one official variant, in file order."""
     keys = {}
     for line in (REFERENCE / f"official_keys_{name}.txt").read_text().splitlines():
+        if line.startswith("#"):  # the newer files name the repository, commit and args
+            continue
         key, shape = line.split("\t")
         keys[key] = tuple(ast.literal_eval(shape))
     return keys

@@ -26,7 +26,8 @@ def test_every_preset_is_valid_and_round_trips_through_a_dict(name):
 def test_the_shipped_checkpoint_config_still_loads():
     stored = read_training_state(SHIPPED)["config"]
     cfg = Config(**stored)
-    assert cfg.to_dict() == stored
+    # Fields added since it was saved take their defaults, which keep its model.
+    assert {k: v for k, v in cfg.to_dict().items() if k in stored} == stored
     assert cfg == get_config("tiny")
 
 

@@ -1,4 +1,4 @@
-"""The tiny detector, and the DETR baseline on the same backbone, can memorize one
+"""The tiny detector, DETR+ and the original DETR on the same backbone, can memorize one
 batch: the end-to-end check that the model, matcher and loss fit together (a bug in
 any of them stalls this)."""
 
@@ -27,11 +27,17 @@ def two_synthetic_images():
     return images, mask, [{"labels": lab, "boxes": b} for lab, b in zip(labels, boxes)]
 
 
-@pytest.mark.parametrize("model_kind", ["deformable", "detr"])
-def test_tiny_model_overfits_one_batch(model_kind):
+# The original DETR: its softmax head with a no-object class, its costs and position code.
+ORIGINAL_DETR = dict(model="detr", no_object=True, set_cost_class=1.0, cls_loss_coef=1.0,
+                     position_offset=0.0)
+
+
+@pytest.mark.parametrize("kind", [dict(model="deformable"), dict(model="detr"), ORIGINAL_DETR],
+                         ids=["deformable", "detr_plus", "detr"])
+def test_tiny_model_overfits_one_batch(kind):
     torch.manual_seed(0)
     images, mask, targets = two_synthetic_images()
-    model, criterion, _ = build_model(get_config("tiny", model=model_kind, with_box_refine=False,
+    model, criterion, _ = build_model(get_config("tiny", **kind, with_box_refine=False,
                                                  two_stage=False))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4)
