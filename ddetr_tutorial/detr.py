@@ -85,9 +85,6 @@ class DETRTransformer(nn.Module):
                                for _ in range(num_encoder_layers))
         self.decoder = _Layers((DETRDecoderLayer(d_model, n_heads, d_ffn, dropout)
                                 for _ in range(num_decoder_layers)), nn.LayerNorm(d_model))
-        for p in self.parameters():  # the official init: Xavier on every matrix
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
 
     def forward(self, src, pos, padding_mask, query_embed):
         """src, pos: (N, S, C); query_embed: (Q, C). Returns hs (layers, N, Q, C)."""
@@ -121,6 +118,13 @@ class DETR(nn.Module):
         self.query_embed = nn.Embedding(num_queries, d_model)
         self.class_embed = nn.Linear(d_model, num_classes + 1 if no_object else num_classes)
         self.bbox_embed = MLP(d_model, d_model, 4, 3)
+        if no_object:  # the official init: Xavier on the transformer's matrices only
+            matrices = self.transformer.parameters()
+        else:  # DETR+, as this library's baseline always was: on every matrix but the backbone's
+            matrices = (p for n, p in self.named_parameters() if not n.startswith("backbone"))
+        for p in matrices:
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
         if not no_object:  # focal loss: every query starts as background (p = 0.01)
             nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
 
