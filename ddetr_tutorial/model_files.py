@@ -90,7 +90,7 @@ def read_model_file(path) -> ModelFile:
             raise FileNotFoundError(f"{os.fspath(path)} is a folder without "
                                     f"{' or '.join(HF_WEIGHTS)}; expected a HuggingFace "
                                     f"save_pretrained folder, or a checkpoint file")
-        return _huggingface(found[0], _read_weights(found[0]))
+        return _huggingface(path, _read_weights(found[0]))  # named by its folder
     if path.suffix == ".safetensors":
         return _huggingface(path, _read_safetensors(path))
     obj = read_torch_file(path)

@@ -227,6 +227,15 @@ def test_hf_folder_predicts_what_the_official_file_does(official_file, hf_folder
     assert "(variant from config.json)" in runs["hf"][0]
     assert runs["hf"][1] == runs["official"][1] and runs["hf"][1]
 
+    out = run_cli(capsys, "evaluate", "--checkpoint", hf_folder, "--data", coco_shapes,
+                  "--quiet", "--device", "cpu")
+    assert out.startswith(f"checkpoint {hf_folder}: HuggingFace") and "Average Precision" in out
+    run_cli(capsys, "export", "--checkpoint", hf_folder, "--out", tmp_path / "from_hf.pth")
+    exported = torch.load(tmp_path / "from_hf.pth", weights_only=True)
+    state = official_file[1]  # the tied heads HF saved once are whole again
+    assert sorted(exported["model"]) == sorted(state)
+    assert all(torch.equal(exported["model"][k], v) for k, v in state.items())
+
 
 def test_bare_official_state_dict_loads_as_the_official_model(tmp_path):
     state = synthetic_official(official_keys("single_scale"))
