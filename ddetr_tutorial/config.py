@@ -313,7 +313,7 @@ def build_model(cfg: Config):
                                no_object=cfg.no_object)
     weights = weight_dict(cls=cfg.cls_loss_coef, bbox=cfg.bbox_loss_coef,
                           giou=cfg.giou_loss_coef, num_decoder_layers=cfg.dec_layers,
-                          aux_loss=cfg.aux_loss, two_stage=cfg.two_stage and not detr)
+                          aux_loss=cfg.aux_loss, two_stage=cfg.two_stage)
     criterion = SetCriterion(cfg.num_classes, matcher, weights, focal_alpha=cfg.focal_alpha,
                              no_object=cfg.no_object, eos_coef=cfg.eos_coef)
     return model, criterion, PostProcess(cfg.num_select, no_object=cfg.no_object)
