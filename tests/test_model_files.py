@@ -206,14 +206,12 @@ def test_official_checkpoint_through_every_command(official_file, coco_shapes, t
 
     slim = tmp_path / "exported.pth"
     run_cli(capsys, "export", "--checkpoint", path, "--out", slim)
+    # The same weights, config and label space: every command gives the same results.
     model, cfg, _, meta = load_model(slim, device="cpu")
     assert meta["kind"] == "ours" and meta["class_names"][PERSON] == "person"
-    assert cfg.two_stage and cfg.with_box_refine
+    assert cfg == read_model_file(path).cfg and cfg.two_stage and cfg.with_box_refine
+    assert meta["category_ids"] == list(range(91))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    run_cli(capsys, "evaluate", "--checkpoint", slim, "--data", coco_shapes, "--quiet",
-            "--device", "cpu", "--out", tmp_path / "exported.json")
-    assert (json.loads((tmp_path / "exported.json").read_text())
-            == json.loads((tmp_path / "official.json").read_text()))
 
 
 def test_hf_folder_predicts_what_the_official_file_does(official_file, hf_folder, coco_shapes,
