@@ -35,7 +35,8 @@ class Config:
     backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50 / resnet101
     backbone_width: int = 64         # base channels (64 = torchvision; 32 = a quarter the cost)
     dilation: bool = False           # DC5: dilate the last stage (C5 at stride 16)
-    pretrained_backbone: str | None = None  # local torchvision-format ResNet weights file
+    pretrained_backbone: str | None = None  # torchvision-format ResNet weights: a file or a
+                                            # shipped name ("shapes_resnet18_w32")
     train_backbone: bool = True      # layer2-4 train (conv1 and layer1 never do, by default)
     backbone_norm: str = "frozen"    # "frozen" (ImageNet statistics) or "batch" (from scratch)
     train_backbone_stem: bool = False  # also train conv1 and layer1 (from scratch)
@@ -227,6 +228,15 @@ def tiny() -> Config:
                   image_size=96, augment="flip")
 
 
+def tiny_pretrained() -> Config:
+    """`tiny` fine-tuned from the shipped pretrained backbone the way the paper does:
+    frozen BatchNorm statistics, the backbone's lr 0.1x the rest, conv1 and layer1
+    frozen. The backbone is `shapes_resnet18_w32`, pretrained by `pretrain-backbone`
+    on synthetic classification (see its card)."""
+    return tiny().replace(pretrained_backbone="shapes_resnet18_w32", backbone_norm="frozen",
+                          train_backbone_stem=False, lr_backbone=1e-4)  # tiny's lr is 1e-3
+
+
 PRESETS = {
     "paper": Config,
     "single_scale": lambda: Config(num_feature_levels=1),
@@ -235,6 +245,7 @@ PRESETS = {
     "two_stage": lambda: Config(with_box_refine=True, two_stage=True),
     "detr": lambda: Config(model="detr", num_queries=100, dim_feedforward=2048),
     "tiny": tiny,
+    "tiny_pretrained": tiny_pretrained,
 }
 
 
