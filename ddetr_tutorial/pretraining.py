@@ -131,12 +131,23 @@ def pretrain(out, *, backbone: str = "resnet18", width: int = 32, image_size: in
     `classes`: class indices to use (default all 20). The budget (minutes, from the
     call, data generation included) ends training with one last held-out evaluation.
     """
-    start = time.perf_counter()
     _check_args(num_train, num_val, epochs, batch_size, lr, budget_min)
-    if threads is not None:
+    previous = torch.get_num_threads()
+    if threads is not None:  # for this call only
         torch.set_num_threads(threads)
+    try:
+        return _pretrain(Path(out), backbone, width, image_size, num_train, num_val, classes,
+                         epochs, batch_size, optimizer, lr, weight_decay, label_smoothing,
+                         budget_min, seed, device, command, log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _pretrain(out, backbone, width, image_size, num_train, num_val, classes, epochs,
+              batch_size, optimizer, lr, weight_decay, label_smoothing, budget_min, seed,
+              device, command, log) -> dict:
+    start = time.perf_counter()
     torch.manual_seed(seed)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     names = list(CLASS_NAMES) if classes is None else [CLASS_NAMES[k] for k in sorted(classes)]
     train_px, train_y = _split(num_train, image_size, seed, "train", classes)
