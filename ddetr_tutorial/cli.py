@@ -305,7 +305,7 @@ def pretrain_backbone(args) -> int:
              batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
              weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
              budget_min=args.budget_min,
-             seed=args.seed, threads=args.threads, device=args.device,
+             seed=args.seed, threads=args.threads, device=args.device, half=not args.float32,
              command="python -m ddetr_tutorial " + " ".join(args.argv))
     return 0
 
@@ -454,6 +454,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default torch's; 1 is faster on a busy CPU)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--float32", action="store_true", help="store float32 weights (default "
+                   "float16: half the file, its top-1 re-measured)")
     p.set_defaults(func=pretrain_backbone)
 
     p = commands.add_parser("build-ops", help="compile the C++/CUDA kernels of ms_deform_attn",
