@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .position_encoding import build_position_encoding
+from .shipped import SHIPPED_BACKBONES, resolve_backbone_weights
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -196,15 +197,17 @@ def resnet(name: str, dilation: bool = False, width: int = 64) -> ResNet:
 
 
 def load_resnet_weights(body: ResNet, path: str | os.PathLike) -> None:
-    """Load a torchvision-format ResNet state dict from the local file `path` into `body`.
+    """Load a torchvision-format ResNet state dict from the local file `path` (or a
+    shipped name, `shipped.SHIPPED_BACKBONES`) into `body`.
 
     `fc.*` (the ImageNet classifier) and `num_batches_tracked` are dropped; any
     other missing, unexpected or mis-shaped key is an error that lists them.
     """
+    path = resolve_backbone_weights(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained backbone weights not found: {os.fspath(path)!r} "
-                                f"(a local torchvision-format ResNet state dict is expected; "
-                                f"nothing is downloaded)")
+                                f"(a local torchvision-format ResNet state dict, or a shipped "
+                                f"name: {', '.join(SHIPPED_BACKBONES)}; nothing is downloaded)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise TypeError(f"{os.fspath(path)!r} holds a {type(state).__name__}, "
@@ -235,7 +238,8 @@ class Backbone(nn.Module):
     Returns C3, C4, C5 (strides 8, 16, 32; DC5: 8, 16, 16) when
     `return_interm_layers`, else C5 only, each with the padding mask resized to it.
     As the official model, conv1 and layer1 never train, and nothing trains when
-    `train_backbone` is False. `pretrained`: a local torchvision-format state dict.
+    `train_backbone` is False. `pretrained`: a local torchvision-format state dict
+    or a shipped name ("shapes_resnet18_w32", pretrained in `pretraining.py`).
 
     For a backbone trained from scratch (no ImageNet weights, as the `tiny`
     config on shapes), `train_stem=True` trains conv1 and layer1 too and

@@ -36,7 +36,8 @@ class Config:
     backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50 / resnet101
     backbone_width: int = 64         # base channels (64 = torchvision; 32 = a quarter the cost)
     dilation: bool = False           # DC5: dilate the last stage (C5 at stride 16)
-    pretrained_backbone: str | None = None  # local torchvision-format ResNet weights file
+    pretrained_backbone: str | None = None  # torchvision-format ResNet weights: a file or a
+                                            # shipped name ("shapes_resnet18_w32")
     train_backbone: bool = True      # layer2-4 train (conv1 and layer1 never do, by default)
     backbone_norm: str = "frozen"    # "frozen" (ImageNet statistics) or "batch" (from scratch)
     train_backbone_stem: bool = False  # also train conv1 and layer1 (from scratch)
@@ -226,7 +227,7 @@ def tiny() -> Config:
     """Small enough to train on a 2-core CPU in half an hour: a quarter-width ResNet-18
     (no ImageNet weights here, so it all trains, with BatchNorm), C=64, 2+2 layers,
     30 queries, box refinement and two-stage, 96-px images with flips only. The shipped
-    the shipped tiny_shapes checkpoint is `train --config tiny --data data/shapes10k`: 9 epochs of
+    tiny_shapes checkpoint is `train --config tiny --data data/shapes10k`: 9 epochs of
     10,000 shapes images (90,000 samples; with 2,000 images it overfits). Post-processing
     keeps the official top 100 of the 30 x 4 (query, class) scores."""
     return Config(backbone="resnet18", backbone_width=32, hidden_dim=64, nheads=4,
@@ -247,6 +248,15 @@ def detr() -> Config:
                   epochs=300, lr_drop=200)
 
 
+def tiny_pretrained() -> Config:
+    """`tiny` fine-tuned from the shipped pretrained backbone the way the paper does:
+    frozen BatchNorm statistics, the backbone's lr 0.1x the rest, conv1 and layer1
+    frozen. The backbone is `shapes_resnet18_w32`, pretrained by `pretrain-backbone`
+    on synthetic classification (see its card)."""
+    return tiny().replace(pretrained_backbone="shapes_resnet18_w32", backbone_norm="frozen",
+                          train_backbone_stem=False, lr_backbone=1e-4)  # tiny's lr is 1e-3
+
+
 PRESETS = {
     "paper": Config,
     "single_scale": lambda: Config(num_feature_levels=1),
@@ -261,6 +271,7 @@ PRESETS = {
     "detr_dc5_plus": lambda: Config(model="detr", num_queries=100, dim_feedforward=2048,
                                     dilation=True),
     "tiny": tiny,
+    "tiny_pretrained": tiny_pretrained,
 }
 
 

@@ -19,7 +19,7 @@ import torch
 from ddetr_tutorial.box_ops import box_iou
 from ddetr_tutorial.data import make_shapes
 from ddetr_tutorial.notebook import load_shipped_model
-from ddetr_tutorial.shipped import SHIPPED, model_card, resolve_checkpoint
+from ddetr_tutorial.shipped import SHIPPED, SHIPPED_BACKBONES, model_card, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ddetr_tutorial"
@@ -72,6 +72,8 @@ def test_wheel_holds_every_module_the_kernel_sources_and_the_shipped_model(wheel
                   if p.is_file() and not p.name.startswith("."))
     assert {p.suffix for p in csrc} >= {".cpp", ".cu", ".cuh", ".h"}
     shipped = [p for path in SHIPPED.values() for p in (path, path.with_suffix(".md"))]
+    shipped += [p for path in SHIPPED_BACKBONES.values()  # weights, card, record
+                for p in (path, path.with_suffix(".md"), path.with_suffix(".json"))]
     wanted = _package_files("*.py") + csrc + shipped
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
