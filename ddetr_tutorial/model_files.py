@@ -254,11 +254,7 @@ def variant_from_keys(state: Mapping[str, torch.Tensor], where) -> tuple[dict, l
             raise ValueError(f"{os.fspath(where)} has no {key}: not a Deformable DETR state "
                              f"dict (its first keys: {list(state)[:5]})")
     n_levels, width = state["transformer.level_embed"].shape
-    layers = {"encoder": set(), "decoder": set()}
-    for key in state:
-        match = _LAYER.match(key)
-        if match:
-            layers[match[1]].add(int(match[2]))
+    layers = _layer_indices(state)
     two_stage = "transformer.enc_output.weight" in state
     fields = {"num_feature_levels": n_levels, "hidden_dim": width,
               "enc_layers": len(layers["encoder"]), "dec_layers": len(layers["decoder"]),
@@ -285,17 +281,23 @@ def variant_from_keys(state: Mapping[str, torch.Tensor], where) -> tuple[dict, l
     return fields, notes
 
 
+def _layer_indices(state) -> dict[str, set[int]]:
+    """{"encoder": {0, 1, ...}, "decoder": {...}}: the layer numbers the keys hold."""
+    layers = {"encoder": set(), "decoder": set()}
+    for key in state:
+        match = _LAYER.match(key)
+        if match:
+            layers[match[1]].add(int(match[2]))
+    return layers
+
+
 _DETR_KEY = "transformer.decoder.layers.0.multihead_attn.in_proj_weight"
 
 
 def _detr_from_keys(state, where) -> tuple[dict, list[str]]:
     """facebookresearch/detr's layout: one class head of num_classes + 1 rows (the last
     "no object"), (Q, C) queries, dense layers whose heads the keys do not tell."""
-    layers = {"encoder": set(), "decoder": set()}
-    for key in state:
-        match = _LAYER.match(key)
-        if match:
-            layers[match[1]].add(int(match[2]))
+    layers = _layer_indices(state)
     queries, width = state["query_embed.weight"].shape
     fields = {**DETR_BASE, "hidden_dim": width, "num_queries": queries,
               "num_classes": state["class_embed.weight"].shape[0] - 1,
