@@ -145,19 +145,33 @@ def write_run_json(results_dir: Path, run, variant, seed, cfg, args, log_rows, m
 def run_one(variant, seed, args, deadline, train, val) -> bool:
     """Train `variant` with `seed` epoch by epoch until done or the deadline.
     Returns True when the run is complete."""
+    run = f"{variant}_s{seed}"
+    cfg = variant_config(variant, args, len(train.category_ids))
+
+    def record(log_rows, machines):
+        write_run_json(Path(args.results_dir), run, variant, seed, cfg, args, log_rows, machines)
+
+    return train_budgeted(run, cfg, Path(args.runs_dir) / run, seed, args, deadline, train,
+                          val, record)
+
+
+def train_budgeted(run, cfg, out: Path, seed, args, deadline, train, val, record,
+                   label=None) -> bool:
+    """Train `cfg` into `out` one epoch per `fit` call, resuming exactly from the
+    latest checkpoint, until its epochs are done (True) or the next epoch would end
+    past `deadline` or `args.epochs_left` runs out (False: run again to continue).
+    `record(log_rows, machines)` is called with the epochs done so far, before each
+    epoch and at the end; machines maps each epoch to the machine it ran on, as
+    `label()` (default `machine_label`) names it."""
     from ddetr_tutorial.checkpoints import latest_checkpoint
     from ddetr_tutorial.engine import fit
 
-    run = f"{variant}_s{seed}"
-    out = Path(args.runs_dir) / run
-    cfg = variant_config(variant, args, len(train.category_ids))
     check_same_config(out, cfg)
     machines_path = out / "machines.json"
     machines = json.loads(machines_path.read_text()) if machines_path.exists() else {}
     while True:
         log_rows = read_log(out, latest_checkpoint(out))
-        write_run_json(Path(args.results_dir), run, variant, seed, cfg, args, log_rows,
-                       machines)
+        record(log_rows, machines)
         epoch = len(log_rows)
         if epoch >= cfg.epochs:
             print(f"{run}: complete ({epoch} epochs), AP {log_rows[-1].get('AP', 0):.3f}")
@@ -174,7 +188,7 @@ def run_one(variant, seed, args, deadline, train, val) -> bool:
         fit(cfg, train, val, out, epochs=epoch + 1, resume=latest_checkpoint(out), seed=seed,
             num_workers=args.workers, device=args.device, keep_last=1, progress=False,
             log=lambda *a, **k: None)
-        machines[str(epoch + 1)] = machine_label()
+        machines[str(epoch + 1)] = (label or machine_label)()
         out.mkdir(parents=True, exist_ok=True)
         machines_path.write_text(json.dumps(machines, indent=1))
         row = read_log(out, latest_checkpoint(out))[-1]

@@ -64,6 +64,19 @@ def _checkpoint(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def _resume(text: str) -> str:
+    """--resume: a checkpoint file, or a run folder meaning its latest checkpoint."""
+    if Path(text).is_dir():
+        from .checkpoints import latest_checkpoint
+
+        found = latest_checkpoint(text)
+        if found is None:
+            raise argparse.ArgumentTypeError(f"{text} is a folder with no checkpoint_*.pth "
+                                             f"to resume from")
+        return str(found)
+    return text
+
+
 CHECKPOINT_HELP = (f"a checkpoint of any kind: this package's (training or exported), an "
                    f"official Deformable DETR .pth, a HuggingFace folder or weights file; or a "
                    f"shipped name ({', '.join(SHIPPED)})")
@@ -132,7 +145,8 @@ def train(args) -> int:
                   resume=args.resume, seed=args.seed, num_workers=args.workers,
                   device=args.device, amp=args.amp, eval_every=args.eval_every,
                   checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
-                  max_steps=args.max_steps, progress=not args.quiet, init_from=source)
+                  max_steps=args.max_steps, progress=not args.quiet, init_from=source,
+                  budget_min=args.budget_min)
     if is_main_process() and metrics:
         # The config the run really used: a resumed run restores some fields (lr ...).
         saved = saved_entry(latest_checkpoint(args.out), "config")
@@ -178,13 +192,22 @@ def write_model_card(out_dir: Path, cfg, seconds: float, metrics: dict, argv) ->
     base = get_config("paper").to_dict()
     changed = {k: v for k, v in cfg.to_dict().items() if base[k] != v}
     table = (out_dir / "eval.txt").read_text() if (out_dir / "eval.txt").exists() else ""
+    logged = []  # the whole log: a resumed run spans several calls
+    log_path = out_dir / "log.jsonl"
+    rows = ([json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
+            if log_path.exists() else [])
+    if rows:
+        logged = [f"- The whole run: {rows[-1]['epoch']} epochs, "
+                  f"{sum(r.get('train_seconds', 0) for r in rows) / 60:.1f} min of training "
+                  f"steps (log.jsonl; evaluation not counted)"]
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), platform.processor()) \
         if Path("/proc/cpuinfo").exists() else platform.processor()
     lines = [
         "# Model card", "",
         "Command:", "", "```", "python -m ddetr_tutorial " + " ".join(argv), "```", "",
-        f"- Training time: {seconds / 60:.1f} min (training and per-epoch evaluation)",
+        f"- Training time: {seconds / 60:.1f} min (training and per-epoch evaluation)"
+        + (" in this call" if "--resume" in argv else ""), *logged,
         f"- Machine: {platform.node()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
         f" ({torch.get_num_threads()} threads)" + (f", GPU {torch.cuda.get_device_name()}"
                                                   if torch.cuda.is_available() else ""),
@@ -356,7 +379,11 @@ def make_parser() -> argparse.ArgumentParser:
     _add_data_args(p, ("train", "val"))
     p.add_argument("--out", required=True, help="output folder for checkpoints and logs")
     p.add_argument("--epochs", type=int, default=None, help="default: the config's epochs")
-    p.add_argument("--resume", help="a checkpoint to continue from exactly")
+    p.add_argument("--resume", type=_resume, help="a checkpoint, or a run folder (its latest "
+                   "checkpoint), to continue from exactly")
+    p.add_argument("--budget-min", type=float, default=None, metavar="M",
+                   help="stop, checkpointed, before an epoch that would end past M minutes; "
+                        "continue with --resume OUT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")

@@ -103,6 +103,15 @@ def broadcast_from_main(model) -> None:
             dist.broadcast(tensor.detach(), src=0)
 
 
+def _agreed(flag: bool, device) -> bool:
+    """Rank 0's `flag` on every process (so all stop at the same epoch)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def _mean_across_processes(values: dict[str, float]) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or not values:
         return values
@@ -245,13 +254,15 @@ class Timer:
 
 def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, num_workers=0,
         device=None, amp=None, eval_every=1, checkpoint_every=0, keep_last=2, max_steps=None,
-        progress=True, collate_fn=None, log=print, init_from=None):
+        progress=True, collate_fn=None, log=print, init_from=None, budget_min=None):
     """Train `cfg` on `train_set`, evaluating on `val_set` (COCO datasets with `.coco`
     and `.category_ids`), writing checkpoints, `log.jsonl` and `curves.png` to
     `out_dir`. Under torchrun it trains with DistributedDataParallel and only rank
     0 writes. `resume` continues exactly from a checkpoint (also mid-epoch).
     `amp`: None, "bf16" or "fp16" (CUDA only). `init_from`: fine-tune from any
     checkpoint (a path or a `model_files.ModelFile`; see `model_files.init_from`).
+    `budget_min`: stop, checkpointed, before an epoch that would end past this many
+    minutes (judged by the last epoch's duration); resume to continue.
     Returns the last evaluation's metrics.
     """
     collate_fn = collate_fn or default_collate
@@ -311,7 +322,15 @@ def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, n
                          step=step, ap=None if metrics is None else metrics.get("AP"))
 
     metrics = {}
+    started, last_epoch = time.monotonic(), 0.0
     for epoch in range(start_epoch, epochs):
+        epoch_started = time.monotonic()
+        if budget_min is not None and _agreed(epoch_started + last_epoch
+                                              > started + 60 * budget_min, device):
+            if main:
+                log(f"stopped before epoch {epoch + 1}/{epochs}: the next epoch would end past "
+                    f"--budget-min {budget_min:g}; continue with --resume {out_dir}")
+            return metrics
         set_epoch(train_loader, epoch, skip)
         net.train()
         criterion.train()
@@ -348,6 +367,7 @@ def fit(cfg, train_set, val_set, out_dir, *, epochs=None, resume=None, seed=0, n
             append_log(out_dir / "log.jsonl", row)
             plot_log(out_dir / "log.jsonl", out_dir / "curves.png")
             save(epoch + 1, 0, metrics if "AP" in row else None)
+        last_epoch = time.monotonic() - epoch_started
     return metrics
 
 

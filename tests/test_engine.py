@@ -278,3 +278,24 @@ def test_plot_log_draws_ap_only_where_evaluated(tmp_path, recwarn):
     assert Image.open(tmp_path / "curves.png").size[0] > 0
     assert ("loss", [1, 2]) in drawn and ("AP", [2]) in drawn
     assert not [w for w in recwarn if "legend" in str(w.message).lower()]
+
+
+def test_budget_stops_at_an_epoch_boundary_and_resume_takes_the_run_folder(shapes, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "budgeted"
+    overrides = [f"{k}={v}" for k, v in SMALL.items()]
+    common = ["train", "--config", "tiny", "--data", str(shapes), "--out", str(out),
+              "--epochs", "3", "--quiet"]
+    # 0.001 min: the first epoch always starts; the second would end past the budget
+    assert cli.main([*common, "--budget-min", "0.001", "--set", *overrides]) == 0
+    assert f"continue with --resume {out}" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1]
+    assert cli.main([*common, "--resume", str(out), "--set", *overrides]) == 0
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert "The whole run: 3 epochs" in (out / "model_card.md").read_text()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        cli.main([*common, "--resume", str(tmp_path / "empty")])
+    assert "is a folder with no checkpoint_*.pth" in capsys.readouterr().err
