@@ -3,15 +3,17 @@ query T * sine(s), the per-head concatenation of content and spatial parts in th
 cross-attention, boxes relative to s), each recomputed by hand in float64."""
 
 import argparse
+import json
 import math
 
 import pytest
 import torch
 
+from ddetr_tutorial import cli
 from ddetr_tutorial.box_ops import box_cxcywh_to_xyxy, box_iou
 from ddetr_tutorial.conditional_detr import ConditionalDecoder, sine_embedding
 from ddetr_tutorial.config import build_model, get_config
-from ddetr_tutorial.data import collate_fn
+from ddetr_tutorial.data import collate_fn, make_shapes
 from ddetr_tutorial.losses import total_loss
 from ddetr_tutorial.model_files import load_model, read_model_file
 from ddetr_tutorial.transformer import inverse_sigmoid
@@ -232,10 +234,19 @@ def conditional_args(**changes):
     return argparse.Namespace(**fields)
 
 
-def test_official_conditional_detr_checkpoint_is_recognised_and_loads(tmp_path):
+@pytest.fixture(scope="module")
+def official_dc5(tmp_path_factory):
+    """A synthetic ConditionalDETR_r50dc5 checkpoint saved as its main.py does, biased to
+    "dog"."""
     state = synthetic_official(official_keys("conditional_detr_r50_dc5"))
-    path = tmp_path / "ConditionalDETR_r50dc5_epoch50.pth"
+    state["class_embed.bias"][18] += 10.0  # COCO's "dog"
+    path = tmp_path_factory.mktemp("cond") / "ConditionalDETR_r50dc5_epoch50.pth"
     torch.save({"model": state, "args": conditional_args(dilation=True), "epoch": 49}, path)
+    return path, state
+
+
+def test_official_conditional_detr_checkpoint_is_recognised_and_loads(official_dc5, tmp_path):
+    path, state = official_dc5
     found = read_model_file(path)
     assert found.describe().startswith(
         f"{path}: official Conditional DETR checkpoint, model=conditional_detr (focal), "
@@ -253,3 +264,15 @@ def test_official_conditional_detr_checkpoint_is_recognised_and_loads(tmp_path):
     torch.save(state, tmp_path / "bare.pth")  # no args: the keys, DC5 unknown
     found = read_model_file(tmp_path / "bare.pth")
     assert found.found_in == "its keys" and found.cfg == get_config("conditional_detr")
+
+
+def test_official_conditional_detr_predicts_coco_names(official_dc5, tmp_path, capsys):
+    make_shapes(tmp_path / "data", num_train=1, num_val=1, size=64, seed=9)
+    assert cli.main(["predict", "--checkpoint", str(official_dc5[0]),
+                     str(tmp_path / "data" / "val"), "--out", str(tmp_path / "pred"),
+                     "--threshold", "0", "--device", "cpu"]) == 0
+    assert "official Conditional DETR checkpoint" in capsys.readouterr().out
+    predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert len(predictions) == 100  # the top 100 (query, class) pairs
+    top = max(predictions, key=lambda p: p["score"])
+    assert (top["category_id"], top["category_name"]) == (18, "dog")
