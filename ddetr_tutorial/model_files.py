@@ -35,8 +35,9 @@ SAVED = ("epoch", "step", "step_in_epoch", "best_ap", "versions")  # of our file
 KINDS = {"ours": "ddetr_tutorial checkpoint", "official": "official Deformable DETR checkpoint",
          "hf": "HuggingFace Deformable DETR weights"}
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-# Heads whose rows are the classes: re-initialised when fine-tuning on other classes.
-CLASS_HEAD = re.compile(r"^(transformer\.decoder\.)?class_embed\.\d+\.(weight|bias)$")
+# Heads whose rows are the classes: re-initialised when fine-tuning on other classes
+# (one per decoder layer in Deformable DETR; one shared, unnumbered, in the dense DETRs).
+CLASS_HEAD = re.compile(r"^(transformer\.decoder\.)?class_embed(\.\d+)?\.(weight|bias)$")
 
 
 @dataclass(frozen=True)

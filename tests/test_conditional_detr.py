@@ -15,7 +15,7 @@ from ddetr_tutorial.conditional_detr import ConditionalDecoder, sine_embedding
 from ddetr_tutorial.config import build_model, get_config
 from ddetr_tutorial.data import collate_fn, make_shapes
 from ddetr_tutorial.losses import total_loss
-from ddetr_tutorial.model_files import load_model, read_model_file
+from ddetr_tutorial.model_files import init_from, load_model, read_model_file
 from ddetr_tutorial.transformer import inverse_sigmoid
 from official import CONDITIONAL_DETR_PRESET_KEYS, official_keys, synthetic_official
 from test_overfit import two_synthetic_images
@@ -276,3 +276,12 @@ def test_official_conditional_detr_predicts_coco_names(official_dc5, tmp_path, c
     assert len(predictions) == 100  # the top 100 (query, class) pairs
     top = max(predictions, key=lambda p: p["score"])
     assert (top["category_id"], top["category_name"]) == (18, "dog")
+
+
+def test_fine_tuning_from_it_reinitialises_the_class_head(official_dc5):
+    model, _, _ = build_model(get_config("conditional_detr_dc5", num_classes=4))
+    report = init_from(model, official_dc5[0])
+    assert report.reinitialised == ["class_embed.bias", "class_embed.weight"]
+    assert report.skipped == report.missing == report.unexpected == []
+    torch.testing.assert_close(model.state_dict()["query_embed.weight"],
+                               official_dc5[1]["query_embed.weight"])
