@@ -99,6 +99,23 @@ def test_conditional_spatial_query_by_hand(decoder_run):
     assert not torch.allclose(inputs[1][2], inputs[2][2])  # T differs between layers
 
 
+def test_self_attention_projects_content_and_position_apart(decoder_run):
+    decoder, (query_pos, *_), inputs, _, _, _ = decoder_run
+    layer, tgt = decoder.layers[1], inputs[1][0]
+    lin = lambda module, x: x @ module.weight.T + module.bias  # noqa: E731
+    q = lin(layer.sa_qcontent_proj, tgt) + lin(layer.sa_qpos_proj, query_pos)
+    k = lin(layer.sa_kcontent_proj, tgt) + lin(layer.sa_kpos_proj, query_pos)
+    v, D = lin(layer.sa_v_proj, tgt), C // M
+    heads = []
+    for h in range(M):
+        part = slice(h * D, (h + 1) * D)
+        w = (q[..., part] @ k[..., part].transpose(1, 2) / math.sqrt(D)).softmax(-1)
+        heads.append(w @ v[..., part])
+    with torch.no_grad():
+        got = layer.self_attn(q, k, v)[0]
+    torch.testing.assert_close(got, lin(layer.self_attn.out_proj, torch.cat(heads, -1)))
+
+
 @pytest.mark.parametrize("layer_index", [0, 1])
 def test_cross_attention_adds_content_and_spatial_logits_per_head(decoder_run, layer_index):
     decoder, (query_pos, memory, pos, padding), inputs, weights, _, _ = decoder_run
