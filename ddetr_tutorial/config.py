@@ -15,6 +15,7 @@ import numbers
 from dataclasses import dataclass
 
 from .backbone import RESNETS, build_backbone
+from .conditional_detr import ConditionalDETR
 from .data import make_transforms, scale_for
 from .data.transforms import PAPER_MAX_SIZE, PAPER_SCALES
 from .detr import DETR
@@ -32,7 +33,8 @@ class Config:
     TypeError, a value out of range or a rule between fields broken ValueError."""
 
     # --- model (paper Sec. 5 "Implementation details")
-    model: str = "deformable"        # "deformable", or "detr" for the dense DETR
+    model: str = "deformable"        # "deformable", "detr" (the dense DETR) or
+                                     # "conditional_detr"
     backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50 / resnet101
     backbone_width: int = 64         # base channels (64 = torchvision; 32 = a quarter the cost)
     dilation: bool = False           # DC5: dilate the last stage (C5 at stride 16)
@@ -103,7 +105,7 @@ class Config:
 # --- what each field accepts (the types come from the annotations above)
 
 CHOICES = {
-    "model": ("deformable", "detr"),
+    "model": ("deformable", "detr", "conditional_detr"),
     "backbone": tuple(RESNETS),
     "backbone_norm": ("frozen", "batch"),
     "op_backend": tuple(BACKEND_CHOICES),
@@ -215,12 +217,26 @@ def _check_together(cfg: Config) -> None:
         raise ValueError(f"config field model='detr': expected with_box_refine=False and "
                          f"two_stage=False (the DETR baseline has neither), got "
                          f"with_box_refine={cfg.with_box_refine}, two_stage={cfg.two_stage}")
+    if cfg.model == "conditional_detr":
+        _check_conditional_detr(cfg)
     if cfg.no_object and cfg.model != "detr":
         raise ValueError(f"config field no_object=True needs model='detr', got "
                          f"model={cfg.model!r} (Deformable DETR's head is sigmoid focal)")
     if not (cfg.set_cost_class or cfg.set_cost_bbox or cfg.set_cost_giou):
         raise ValueError("config fields set_cost_class, set_cost_bbox, set_cost_giou are all 0: "
                          "expected at least one > 0 (else every matching costs the same)")
+
+
+def _check_conditional_detr(cfg: Config) -> None:
+    """Conditional DETR decodes one map with a sigmoid focal head and no refinement."""
+    wanted = {"num_feature_levels": (1, "one map, C5 or DC5, as DETR's"),
+              "with_box_refine": (False, "its boxes are relative to the fixed reference s"),
+              "two_stage": (False, "its queries are learned embeddings"),
+              "no_object": (False, "its head is sigmoid focal, no 'no object' class")}
+    for name, (value, why) in wanted.items():
+        if getattr(cfg, name) != value:
+            raise ValueError(f"config field {name}={getattr(cfg, name)!r}: expected {value!r} "
+                             f"with model='conditional_detr' ({why})")
 
 
 def tiny() -> Config:
@@ -257,6 +273,25 @@ def tiny_pretrained() -> Config:
                           train_backbone_stem=False, lr_backbone=1e-4)  # tiny's lr is 1e-3
 
 
+def conditional_detr() -> Config:
+    """Conditional DETR (Atten4Vis/ConditionalDETR main.py defaults): DETR's dense 6+6
+    layers (FFN 2048) on one C5 map, DETR's position code, 300 queries, the sigmoid focal
+    head with costs and loss weights 2 / 5 / 2, lr 1e-4 (backbone 1e-5), 50 epochs with a
+    drop at 40; post-processing keeps the top 100 (query, class) scores."""
+    return Config(model="conditional_detr", position_offset=0.0, num_feature_levels=1,
+                  num_queries=300, dim_feedforward=2048, lr=1e-4, lr_backbone=1e-5,
+                  epochs=50, lr_drop=40)
+
+
+def tiny_conditional_detr() -> Config:
+    """Conditional DETR at tiny_pretrained's size and recipe: the shipped pretrained
+    quarter-width ResNet-18 (frozen statistics), C=64, 4 heads, 2+2 layers, FFN 256,
+    30 queries, 96-px images with flips; C5 only (stride 32: a 3x3 map at 96 px)."""
+    return tiny_pretrained().replace(model="conditional_detr", position_offset=0.0,
+                                     num_feature_levels=1, with_box_refine=False,
+                                     two_stage=False)
+
+
 PRESETS = {
     "paper": Config,
     "single_scale": lambda: Config(num_feature_levels=1),
@@ -272,6 +307,9 @@ PRESETS = {
                                     dilation=True),
     "tiny": tiny,
     "tiny_pretrained": tiny_pretrained,
+    "conditional_detr": conditional_detr,
+    "conditional_detr_dc5": lambda: conditional_detr().replace(dilation=True),
+    "tiny_conditional_detr": tiny_conditional_detr,
 }
 
 
@@ -295,7 +333,7 @@ def build_transforms(cfg: Config, split: str):
 
 def build_model(cfg: Config):
     """-> (model, criterion, postprocessor) for `cfg` (a `Config`, checked when built)."""
-    detr = cfg.model == "detr"
+    detr = cfg.model in ("detr", "conditional_detr")  # one map: C5 (or DC5)
     backbone = build_backbone(name=cfg.backbone, hidden_dim=cfg.hidden_dim,
                               position_offset=cfg.position_offset,
                               train_backbone=cfg.train_backbone,
@@ -303,7 +341,13 @@ def build_model(cfg: Config):
                               dilation=cfg.dilation, pretrained=cfg.pretrained_backbone,
                               norm=cfg.backbone_norm, train_stem=cfg.train_backbone_stem,
                               width=cfg.backbone_width)
-    if detr:
+    if cfg.model == "conditional_detr":
+        model = ConditionalDETR(backbone, cfg.num_classes, cfg.num_queries,
+                                d_model=cfg.hidden_dim, n_heads=cfg.nheads,
+                                num_encoder_layers=cfg.enc_layers,
+                                num_decoder_layers=cfg.dec_layers, d_ffn=cfg.dim_feedforward,
+                                dropout=cfg.dropout, aux_loss=cfg.aux_loss)
+    elif detr:
         model = DETR(backbone, cfg.num_classes, cfg.num_queries, d_model=cfg.hidden_dim,
                      n_heads=cfg.nheads, num_encoder_layers=cfg.enc_layers,
                      num_decoder_layers=cfg.dec_layers, d_ffn=cfg.dim_feedforward,

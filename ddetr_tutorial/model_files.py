@@ -1,4 +1,5 @@
-"""Model files of every kind: this package's, the official Deformable DETR's, HuggingFace's.
+"""Model files of every kind: this package's, the official Deformable DETR's (and DETR's,
+Conditional DETR's), HuggingFace's.
 
 `read_model_file(path)` tells which kind a file (or folder) is, reads the variant
 it was trained as (from our saved config, the official `args`, HuggingFace's
@@ -34,8 +35,9 @@ SAVED = ("epoch", "step", "step_in_epoch", "best_ap", "versions")  # of our file
 KINDS = {"ours": "ddetr_tutorial checkpoint", "official": "official Deformable DETR checkpoint",
          "hf": "HuggingFace Deformable DETR weights"}
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-# Heads whose rows are the classes: re-initialised when fine-tuning on other classes.
-CLASS_HEAD = re.compile(r"^(transformer\.decoder\.)?class_embed\.\d+\.(weight|bias)$")
+# Heads whose rows are the classes: re-initialised when fine-tuning on other classes
+# (one per decoder layer in Deformable DETR; one shared, unnumbered, in the dense DETRs).
+CLASS_HEAD = re.compile(r"^(transformer\.decoder\.)?class_embed(\.\d+)?\.(weight|bias)$")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,10 @@ class ModelFile:
             head = "softmax + no-object" if cfg.no_object else "focal"
             kind = kind.replace("Deformable DETR", "DETR") if self.kind == "official" else kind
             parts.insert(0, f"model=detr ({head})")
+        elif cfg.model == "conditional_detr":
+            if self.kind == "official":
+                kind = kind.replace("Deformable DETR", "Conditional DETR")
+            parts.insert(0, "model=conditional_detr (focal)")
         assumed = f"; assumed {', '.join(self.notes)}" if self.notes else ""
         return (f"{os.fspath(self.path)}: {kind}, {', '.join(parts)} "
                 f"(variant from {self.found_in}{assumed})")
@@ -126,8 +132,10 @@ def _ours(path: Path, obj: Mapping) -> ModelFile:
 
 def _official(path: Path, state: StateDict, args, epoch=None) -> ModelFile:
     found, notes = variant_from_keys(state, path)
-    # DETR's files come from facebookresearch/detr: its main.py's defaults are the base.
-    base = DETR_BASE if found.get("model") == "detr" else {}
+    # DETR's files come from facebookresearch/detr, Conditional DETR's from
+    # Atten4Vis/ConditionalDETR: their main.py's defaults are the base.
+    base = {"detr": DETR_BASE, "conditional_detr": CONDITIONAL_DETR_BASE}.get(found.get("model"),
+                                                                             {})
     if args is not None:  # what the keys cannot tell (heads vs points, DC5) is in the args
         given = vars(args) if hasattr(args, "__dict__") else dict(args)
         fields = {**base, **{k: v for k, v in given.items() if k in _ARGS_FIELDS}}
@@ -191,6 +199,11 @@ DETR_BASE = {k: v for k, v in get_config("detr").to_dict().items()
              if k in ("model", "no_object", "eos_coef", "position_offset", "num_feature_levels",
                       "num_queries", "dim_feedforward", "set_cost_class", "cls_loss_coef",
                       "lr", "lr_backbone", "epochs", "lr_drop")}
+# ... and Atten4Vis/ConditionalDETR's (get_config("conditional_detr")).
+CONDITIONAL_DETR_BASE = {k: v for k, v in get_config("conditional_detr").to_dict().items()
+                         if k in ("model", "position_offset", "num_feature_levels",
+                                  "num_queries", "dim_feedforward", "lr", "lr_backbone",
+                                  "epochs", "lr_drop")}
 
 # HuggingFace DeformableDetrConfig name -> our field.
 _HF_FIELDS = {"d_model": "hidden_dim", "encoder_layers": "enc_layers",
@@ -248,7 +261,9 @@ def variant_from_keys(state: Mapping[str, torch.Tensor], where) -> tuple[dict, l
     keys give M*L*K), C5 without dilation (DC5 has the same keys) and, for two-stage,
     300 proposals (no tensor's shape holds their number)."""
     if _DETR_KEY in state:
-        return _detr_from_keys(state, where)
+        return _detr_from_keys(state, where, DETR_BASE, no_object_rows=1)
+    if _CONDITIONAL_DETR_KEY in state:
+        return _detr_from_keys(state, where, CONDITIONAL_DETR_BASE, no_object_rows=0)
     for key in ("transformer.level_embed", "class_embed.0.weight", "backbone.0.body.conv1.weight"):
         if key not in state:
             raise ValueError(f"{os.fspath(where)} has no {key}: not a Deformable DETR state "
@@ -292,15 +307,23 @@ def _layer_indices(state) -> dict[str, set[int]]:
 
 
 _DETR_KEY = "transformer.decoder.layers.0.multihead_attn.in_proj_weight"
+_CONDITIONAL_DETR_KEY = "transformer.decoder.layers.0.ca_qpos_sine_proj.weight"
 
 
-def _detr_from_keys(state, where) -> tuple[dict, list[str]]:
-    """facebookresearch/detr's layout: one class head of num_classes + 1 rows (the last
-    "no object"), (Q, C) queries, dense layers whose heads the keys do not tell."""
+def _detr_from_keys(state, where, base, no_object_rows) -> tuple[dict, list[str]]:
+    """facebookresearch/detr's layout (and Conditional DETR's, which adds query_scale and
+    ref_point_head to the decoder): one class head of num_classes + no_object_rows rows
+    (DETR's last is "no object"), (Q, C) queries, dense layers whose heads the keys do
+    not tell."""
+    for key in ("query_embed.weight", "class_embed.weight", "backbone.0.body.conv1.weight",
+                "transformer.decoder.layers.0.linear1.weight"):
+        if key not in state:
+            raise ValueError(f"{os.fspath(where)} has no {key}: not a {base['model']} state "
+                             f"dict in the official layout (its first keys: {list(state)[:5]})")
     layers = _layer_indices(state)
     queries, width = state["query_embed.weight"].shape
-    fields = {**DETR_BASE, "hidden_dim": width, "num_queries": queries,
-              "num_classes": state["class_embed.weight"].shape[0] - 1,
+    fields = {**base, "hidden_dim": width, "num_queries": queries,
+              "num_classes": state["class_embed.weight"].shape[0] - no_object_rows,
               "enc_layers": len(layers["encoder"]), "dec_layers": len(layers["decoder"]),
               "dim_feedforward": state["transformer.decoder.layers.0.linear1.weight"].shape[0],
               "nheads": ASSUMED_HEADS, **_backbone_from_keys(state, where)}

@@ -4,7 +4,8 @@ tests/reference/official_keys_{base,single_scale,box_refine,two_stage}.txt list
 every key and shape of the four official variants, made by instantiating the
 official code (fundamentalvision/Deformable-DETR @ 11169a6);
 official_keys_detr_r50[_dc5].txt those of DETR (facebookresearch/detr, named on
-their first line).
+their first line), official_keys_conditional_detr_r50[_dc5].txt Conditional DETR's
+(Atten4Vis/ConditionalDETR, named on their `#` first line).
 """
 
 import ast
@@ -20,6 +21,9 @@ PRESET_KEYS = {"paper": "base", "single_scale": "single_scale", "box_refine": "b
                "two_stage": "two_stage"}
 # facebookresearch/detr @ 29901c5 (first line of each file): config preset -> key-list name
 DETR_PRESET_KEYS = {"detr": "detr_r50", "detr_dc5": "detr_r50_dc5"}
+# Atten4Vis/ConditionalDETR @ 8ea7c3f (first line of each file)
+CONDITIONAL_DETR_PRESET_KEYS = {"conditional_detr": "conditional_detr_r50",
+                                "conditional_detr_dc5": "conditional_detr_r50_dc5"}
 
 
 def official_keys(name: str) -> dict[str, tuple[int, ...]]:
