@@ -19,6 +19,7 @@ from .conditional_detr import ConditionalDETR
 from .data import make_transforms, scale_for
 from .data.transforms import PAPER_MAX_SIZE, PAPER_SCALES
 from .detr import DETR
+from .efficient_detr import EfficientDETR, EfficientTransformer
 from .losses import SetCriterion, weight_dict
 from .matcher import HungarianMatcher
 from .model import DeformableDETR, PostProcess
@@ -33,8 +34,8 @@ class Config:
     TypeError, a value out of range or a rule between fields broken ValueError."""
 
     # --- model (paper Sec. 5 "Implementation details")
-    model: str = "deformable"        # "deformable", "detr" (the dense DETR) or
-                                     # "conditional_detr"
+    model: str = "deformable"        # "deformable", "detr" (the dense DETR),
+                                     # "conditional_detr" or "efficient_detr"
     backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50 / resnet101
     backbone_width: int = 64         # base channels (64 = torchvision; 32 = a quarter the cost)
     dilation: bool = False           # DC5: dilate the last stage (C5 at stride 16)
@@ -105,7 +106,7 @@ class Config:
 # --- what each field accepts (the types come from the annotations above)
 
 CHOICES = {
-    "model": ("deformable", "detr", "conditional_detr"),
+    "model": ("deformable", "detr", "conditional_detr", "efficient_detr"),
     "backbone": tuple(RESNETS),
     "backbone_norm": ("frozen", "batch"),
     "op_backend": tuple(BACKEND_CHOICES),
@@ -219,6 +220,8 @@ def _check_together(cfg: Config) -> None:
                          f"with_box_refine={cfg.with_box_refine}, two_stage={cfg.two_stage}")
     if cfg.model == "conditional_detr":
         _check_conditional_detr(cfg)
+    if cfg.model == "efficient_detr":
+        _check_efficient_detr(cfg)
     if cfg.no_object and cfg.model != "detr":
         raise ValueError(f"config field no_object=True needs model='detr', got "
                          f"model={cfg.model!r} (Deformable DETR's head is sigmoid focal)")
@@ -237,6 +240,15 @@ def _check_conditional_detr(cfg: Config) -> None:
         if getattr(cfg, name) != value:
             raise ValueError(f"config field {name}={getattr(cfg, name)!r}: expected {value!r} "
                              f"with model='conditional_detr' ({why})")
+
+
+def _check_efficient_detr(cfg: Config) -> None:
+    """Efficient DETR's dense part is the two-stage proposal head, refined by the decoder."""
+    for name in ("two_stage", "with_box_refine"):
+        if not getattr(cfg, name):
+            raise ValueError(f"config field {name}=False: expected True with "
+                             f"model='efficient_detr' (its queries and reference boxes are the "
+                             f"dense part's top-K tokens, refined by the decoder)")
 
 
 def tiny() -> Config:
@@ -292,6 +304,23 @@ def tiny_conditional_detr() -> Config:
                                      two_stage=False)
 
 
+def efficient_detr() -> Config:
+    """Efficient DETR (Yao et al. 2021, no official code): ResNet-50, 4 levels, C=256,
+    3 deformable encoder layers and 1 decoder layer, 100 queries from the dense part's
+    top-100 tokens, box refinement, focal costs and loss weights 2 / 5 / 2; the rest
+    is Deformable DETR's recipe (the paper's choices we could not confirm are listed in
+    `efficient_detr.py`)."""
+    return Config(model="efficient_detr", enc_layers=3, dec_layers=1, num_queries=100,
+                  with_box_refine=True, two_stage=True)
+
+
+def tiny_efficient_detr() -> Config:
+    """Efficient DETR at tiny_pretrained's size and recipe: the shipped pretrained
+    quarter-width ResNet-18 (frozen statistics), C=64, 4 heads, 3+1 layers, FFN 256,
+    30 queries, 96-px images with flips."""
+    return tiny_pretrained().replace(model="efficient_detr", enc_layers=3, dec_layers=1)
+
+
 PRESETS = {
     "paper": Config,
     "single_scale": lambda: Config(num_feature_levels=1),
@@ -310,6 +339,8 @@ PRESETS = {
     "conditional_detr": conditional_detr,
     "conditional_detr_dc5": lambda: conditional_detr().replace(dilation=True),
     "tiny_conditional_detr": tiny_conditional_detr,
+    "efficient_detr": efficient_detr,
+    "tiny_efficient_detr": tiny_efficient_detr,
 }
 
 
@@ -352,6 +383,8 @@ def build_model(cfg: Config):
                      n_heads=cfg.nheads, num_encoder_layers=cfg.enc_layers,
                      num_decoder_layers=cfg.dec_layers, d_ffn=cfg.dim_feedforward,
                      dropout=cfg.dropout, aux_loss=cfg.aux_loss, no_object=cfg.no_object)
+    elif cfg.model == "efficient_detr":
+        model = _build_efficient_detr(cfg, backbone)
     else:
         transformer = DeformableTransformer(
             d_model=cfg.hidden_dim, n_heads=cfg.nheads, num_encoder_layers=cfg.enc_layers,
@@ -372,3 +405,14 @@ def build_model(cfg: Config):
     criterion = SetCriterion(cfg.num_classes, matcher, weights, focal_alpha=cfg.focal_alpha,
                              no_object=cfg.no_object, eos_coef=cfg.eos_coef)
     return model, criterion, PostProcess(cfg.num_select, no_object=cfg.no_object)
+
+
+def _build_efficient_detr(cfg: Config, backbone) -> EfficientDETR:
+    transformer = EfficientTransformer(
+        d_model=cfg.hidden_dim, n_heads=cfg.nheads, num_encoder_layers=cfg.enc_layers,
+        num_decoder_layers=cfg.dec_layers, d_ffn=cfg.dim_feedforward, dropout=cfg.dropout,
+        n_levels=cfg.num_feature_levels, dec_n_points=cfg.dec_n_points,
+        enc_n_points=cfg.enc_n_points, two_stage_num_proposals=cfg.num_queries,
+        backend=cfg.op_backend, cross_level=cfg.cross_level_attention)
+    return EfficientDETR(backbone, transformer, cfg.num_classes, cfg.num_queries,
+                         n_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss)
