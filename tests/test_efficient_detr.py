@@ -13,6 +13,7 @@ from ddetr_tutorial.config import build_model, get_config
 from ddetr_tutorial.data import collate_fn
 from ddetr_tutorial.efficient_detr import EfficientDETR
 from ddetr_tutorial.losses import total_loss
+from ddetr_tutorial.model_files import load_model
 from ddetr_tutorial.transformer import DeformableTransformer
 from test_overfit import two_synthetic_images
 
@@ -200,3 +201,18 @@ def test_more_queries_than_tokens_is_a_clear_error():
     with pytest.raises(TypeError, match="expected an EfficientTransformer, got "
                                         "DeformableTransformer"):
         EfficientDETR(None, transformer, 4, 30, 4)
+
+
+def test_a_saved_model_loads_strictly_and_predicts_the_same(tmp_path):
+    torch.manual_seed(3)
+    cfg = get_config("tiny_efficient_detr", pretrained_backbone=None)
+    model, _, _ = build_model(cfg)
+    path = tmp_path / "efficient.pth"
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0, "step": 0},
+               path)
+    loaded, loaded_cfg, _, _ = load_model(path, device="cpu")
+    assert isinstance(loaded, EfficientDETR) and loaded_cfg == cfg
+    images, mask = torch.randn(1, 3, 96, 96), torch.zeros(1, 96, 96, dtype=torch.bool)
+    with torch.no_grad():
+        got, expected = loaded(images, mask), model.eval()(images, mask)
+    torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], rtol=0, atol=0)
