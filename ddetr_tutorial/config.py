@@ -14,6 +14,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from .anchor_detr import AnchorDETR
 from .backbone import RESNETS, build_backbone
 from .data import make_transforms, scale_for
 from .data.transforms import PAPER_MAX_SIZE, PAPER_SCALES
@@ -62,6 +63,8 @@ class Config:
     with_box_refine: bool = False    # Sec. 4.2, iterative bounding box refinement
     two_stage: bool = False          # Sec. 4.2, two-stage (needs with_box_refine)
     op_backend: str = "auto"         # ms_deform_attn backend: auto / pytorch / cpu / cuda
+    num_patterns: int = 3            # Anchor DETR: P pattern embeddings per anchor point
+                                     # (num_queries anchors: num_patterns x num_queries boxes)
     # --- matcher and loss
     set_cost_class: float = 2.0
     set_cost_bbox: float = 5.0
@@ -103,7 +106,7 @@ class Config:
 # --- what each field accepts (the types come from the annotations above)
 
 CHOICES = {
-    "model": ("deformable", "detr"),
+    "model": ("deformable", "detr", "anchor_detr"),
     "backbone": tuple(RESNETS),
     "backbone_norm": ("frozen", "batch"),
     "op_backend": tuple(BACKEND_CHOICES),
@@ -122,6 +125,7 @@ RANGES = {
     "enc_n_points": (1, None, True),
     "dec_n_points": (1, None, True),
     "num_queries": (1, None, True),
+    "num_patterns": (1, None, True),
     "num_classes": (1, None, True),
     "set_cost_class": (0.0, None, True),
     "set_cost_bbox": (0.0, None, True),
@@ -218,9 +222,24 @@ def _check_together(cfg: Config) -> None:
     if cfg.no_object and cfg.model != "detr":
         raise ValueError(f"config field no_object=True needs model='detr', got "
                          f"model={cfg.model!r} (Deformable DETR's head is sigmoid focal)")
+    _check_anchor_detr(cfg)
     if not (cfg.set_cost_class or cfg.set_cost_bbox or cfg.set_cost_giou):
         raise ValueError("config fields set_cost_class, set_cost_bbox, set_cost_giou are all 0: "
                          "expected at least one > 0 (else every matching costs the same)")
+
+
+def _check_anchor_detr(cfg: Config) -> None:
+    """Anchor DETR as built here: one feature map, fixed anchors, the sigmoid head."""
+    if cfg.model != "anchor_detr":
+        return
+    if cfg.num_feature_levels != 1:
+        raise ValueError(f"config field num_feature_levels={cfg.num_feature_levels}: "
+                         f"model='anchor_detr' expects 1 (one C5 / DC5 map, the released "
+                         f"default; its multi-level variant is not built here)")
+    if cfg.with_box_refine or cfg.two_stage:
+        raise ValueError(f"config field model='anchor_detr': expected with_box_refine=False "
+                         f"and two_stage=False (its anchors stay fixed), got with_box_refine="
+                         f"{cfg.with_box_refine}, two_stage={cfg.two_stage}")
 
 
 def tiny() -> Config:
@@ -257,6 +276,23 @@ def tiny_pretrained() -> Config:
                           train_backbone_stem=False, lr_backbone=1e-4)  # tiny's lr is 1e-3
 
 
+def anchor_detr() -> Config:
+    """Anchor DETR (megvii-research/AnchorDETR main.py defaults, but C5: its released
+    default is DC5, `anchor_detr_dc5`): 300 anchor points x 3 patterns = 900 queries,
+    RCDA in 6+6 layers of FFN 1024, dropout 0, one map, focal loss 2 / 5 / 2, lr 1e-4
+    (backbone 1e-5), 1 image per GPU, 50 epochs with a drop at 40."""
+    return Config(model="anchor_detr", num_feature_levels=1, num_queries=300, num_patterns=3,
+                  dropout=0.0, lr=1e-4, lr_backbone=1e-5, batch_size=1)
+
+
+def tiny_anchor_detr() -> Config:
+    """`tiny`'s backbone, width, layers and recipe with Anchor DETR's queries and RCDA:
+    10 anchors x 3 patterns = 30 queries (tiny's count), one C5 map (stride 32: 3 x 3
+    at 96 px), no box refinement or two-stage (Anchor DETR has neither)."""
+    return tiny().replace(model="anchor_detr", num_feature_levels=1, num_queries=10,
+                          num_patterns=3, with_box_refine=False, two_stage=False)
+
+
 PRESETS = {
     "paper": Config,
     "single_scale": lambda: Config(num_feature_levels=1),
@@ -272,6 +308,9 @@ PRESETS = {
                                     dilation=True),
     "tiny": tiny,
     "tiny_pretrained": tiny_pretrained,
+    "anchor_detr": anchor_detr,
+    "anchor_detr_dc5": lambda: anchor_detr().replace(dilation=True),
+    "tiny_anchor_detr": tiny_anchor_detr,
 }
 
 
@@ -303,7 +342,12 @@ def build_model(cfg: Config):
                               dilation=cfg.dilation, pretrained=cfg.pretrained_backbone,
                               norm=cfg.backbone_norm, train_stem=cfg.train_backbone_stem,
                               width=cfg.backbone_width)
-    if detr:
+    if cfg.model == "anchor_detr":  # no position encoding in its backbone: `backbone[0]`
+        model = AnchorDETR(backbone[0], cfg.num_classes, cfg.num_queries, cfg.num_patterns,
+                           d_model=cfg.hidden_dim, n_heads=cfg.nheads,
+                           num_encoder_layers=cfg.enc_layers, num_decoder_layers=cfg.dec_layers,
+                           d_ffn=cfg.dim_feedforward, dropout=cfg.dropout, aux_loss=cfg.aux_loss)
+    elif detr:
         model = DETR(backbone, cfg.num_classes, cfg.num_queries, d_model=cfg.hidden_dim,
                      n_heads=cfg.nheads, num_encoder_layers=cfg.enc_layers,
                      num_decoder_layers=cfg.dec_layers, d_ffn=cfg.dim_feedforward,
