@@ -3,6 +3,7 @@ against dense attention and against a loop by hand, the anchor x pattern queries
 boxes relative to the anchors, training on a padded batch, memorising two images
 and its config checks."""
 
+import argparse
 import itertools
 import math
 import re
@@ -10,11 +11,12 @@ import re
 import pytest
 import torch
 
-from ddetr_tutorial.box_ops import box_cxcywh_to_xyxy, box_iou
 from ddetr_tutorial.anchor_detr import pixel_positions, relative_to_anchors, sine_1d, sine_2d
+from ddetr_tutorial.box_ops import box_cxcywh_to_xyxy, box_iou
 from ddetr_tutorial.config import build_model, get_config
 from ddetr_tutorial.losses import total_loss
 from ddetr_tutorial.rcda import RowColumnAttention, decoupled_attention
+from ddetr_tutorial.weights import load_official_checkpoint
 from official import official_keys, random_value
 from test_model import batch
 from test_overfit import two_synthetic_images
@@ -32,22 +34,32 @@ def test_keys_and_shapes_equal_the_official_anchor_detr(preset):
     assert all(head is heads[0] for head in heads)  # one head, named once per layer
 
 
-def test_official_state_dict_loads_strictly_and_runs():
-    """Random tensors under the official names (one per shared head) load with strict=True."""
-    model, _, _ = build_model(get_config("anchor_detr"))
+def _synthetic_official(name):
+    """Random tensors under the official names; the shared heads hold one tensor each."""
     g = torch.Generator().manual_seed(0)
-    keys = official_keys("anchor_detr_r50")
     state = {}
-    for key, shape in keys.items():  # the shared heads: layer i's tensor is layer 0's
+    for key, shape in official_keys(name).items():  # layer i's head tensor is layer 0's
         source = re.sub(r"^(transformer\.(?:class|bbox)_embed)\.\d+\.", r"\1.0.", key)
         state[key] = state[source] if source in state else random_value(key, shape, g)
-    model.load_state_dict(state, strict=True)
+    return state
+
+
+def test_official_checkpoint_loads_strictly_and_runs():
+    state = _synthetic_official("anchor_detr_r50_dc5")
+    model, _, _ = build_model(get_config("anchor_detr_dc5"))
+    # the released main.py saves its args; --dilation defaults to True there (DC5)
+    result = load_official_checkpoint(model, {"model": state,
+                                              "args": argparse.Namespace(dilation=True)})
+    assert (result.missing, result.unexpected, result.mismatched) == ([], [], [])
     torch.testing.assert_close(model.state_dict()["transformer.position.weight"],
                                state["transformer.position.weight"])
     model.eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
     assert out["pred_logits"].shape == (1, 900, 91) and torch.isfinite(out["pred_boxes"]).all()
+    c5, _, _ = build_model(get_config("anchor_detr"))  # same keys, wrong stride: refused
+    with pytest.raises(ValueError, match="dilation=True but the model's backbone has"):
+        load_official_checkpoint(c5, {"model": state, "args": argparse.Namespace(dilation=True)})
 
 
 def _dense_attention(q_row, q_col, k_row, k_col, value, mask):
