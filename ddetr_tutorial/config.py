@@ -280,7 +280,8 @@ def anchor_detr() -> Config:
     """Anchor DETR (megvii-research/AnchorDETR main.py defaults, but C5: its released
     default is DC5, `anchor_detr_dc5`): 300 anchor points x 3 patterns = 900 queries,
     RCDA in 6+6 layers of FFN 1024, dropout 0, one map, focal loss 2 / 5 / 2, lr 1e-4
-    (backbone 1e-5), 1 image per GPU, 50 epochs with a drop at 40."""
+    (backbone 1e-5), 1 image per GPU, 50 epochs with a drop at 40. Its `--dilation` has no
+    type, so `--dilation False` is the string 'False', which is true: main.py builds DC5."""
     return Config(model="anchor_detr", num_feature_levels=1, num_queries=300, num_patterns=3,
                   dropout=0.0, lr=1e-4, lr_backbone=1e-5, batch_size=1)
 
