@@ -14,6 +14,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from .anchor_detr import AnchorDETR
 from .backbone import RESNETS, build_backbone
 from .conditional_detr import ConditionalDETR
 from .data import make_transforms, scale_for
@@ -65,6 +66,8 @@ class Config:
     with_box_refine: bool = False    # Sec. 4.2, iterative bounding box refinement
     two_stage: bool = False          # Sec. 4.2, two-stage (needs with_box_refine)
     op_backend: str = "auto"         # ms_deform_attn backend: auto / pytorch / cpu / cuda
+    num_patterns: int = 3            # Anchor DETR: P pattern embeddings per anchor point
+                                     # (num_queries anchors: num_patterns x num_queries boxes)
     # --- matcher and loss
     set_cost_class: float = 2.0
     set_cost_bbox: float = 5.0
@@ -106,7 +109,8 @@ class Config:
 # --- what each field accepts (the types come from the annotations above)
 
 CHOICES = {
-    "model": ("deformable", "detr", "conditional_detr", "efficient_detr"),
+    "model": ("deformable", "detr",
+              "conditional_detr", "efficient_detr", "anchor_detr"),
     "backbone": tuple(RESNETS),
     "backbone_norm": ("frozen", "batch"),
     "op_backend": tuple(BACKEND_CHOICES),
@@ -125,6 +129,7 @@ RANGES = {
     "enc_n_points": (1, None, True),
     "dec_n_points": (1, None, True),
     "num_queries": (1, None, True),
+    "num_patterns": (1, None, True),
     "num_classes": (1, None, True),
     "set_cost_class": (0.0, None, True),
     "set_cost_bbox": (0.0, None, True),
@@ -225,6 +230,7 @@ def _check_together(cfg: Config) -> None:
     if cfg.no_object and cfg.model != "detr":
         raise ValueError(f"config field no_object=True needs model='detr', got "
                          f"model={cfg.model!r} (Deformable DETR's head is sigmoid focal)")
+    _check_anchor_detr(cfg)
     if not (cfg.set_cost_class or cfg.set_cost_bbox or cfg.set_cost_giou):
         raise ValueError("config fields set_cost_class, set_cost_bbox, set_cost_giou are all 0: "
                          "expected at least one > 0 (else every matching costs the same)")
@@ -249,6 +255,20 @@ def _check_efficient_detr(cfg: Config) -> None:
             raise ValueError(f"config field {name}=False: expected True with "
                              f"model='efficient_detr' (its queries and reference boxes are the "
                              f"dense part's top-K tokens, refined by the decoder)")
+
+
+def _check_anchor_detr(cfg: Config) -> None:
+    """Anchor DETR as built here: one feature map, fixed anchors, the sigmoid head."""
+    if cfg.model != "anchor_detr":
+        return
+    if cfg.num_feature_levels != 1:
+        raise ValueError(f"config field num_feature_levels={cfg.num_feature_levels}: "
+                         f"model='anchor_detr' expects 1 (one C5 / DC5 map, the released "
+                         f"default; its multi-level variant is not built here)")
+    if cfg.with_box_refine or cfg.two_stage:
+        raise ValueError(f"config field model='anchor_detr': expected with_box_refine=False "
+                         f"and two_stage=False (its anchors stay fixed), got with_box_refine="
+                         f"{cfg.with_box_refine}, two_stage={cfg.two_stage}")
 
 
 def tiny() -> Config:
@@ -321,6 +341,26 @@ def tiny_efficient_detr() -> Config:
     return tiny_pretrained().replace(model="efficient_detr", enc_layers=3, dec_layers=1)
 
 
+def anchor_detr() -> Config:
+    """Anchor DETR (megvii-research/AnchorDETR main.py defaults, but C5: its released
+    default is DC5, `anchor_detr_dc5`): 300 anchor points x 3 patterns = 900 queries,
+    RCDA in 6+6 layers of FFN 1024, dropout 0, one map, focal loss 2 / 5 / 2, lr 1e-4
+    (backbone 1e-5), 1 image per GPU, 50 epochs with a drop at 40. Its `--dilation` has no
+    type, so `--dilation False` is the string 'False', which is true: main.py builds DC5."""
+    return Config(model="anchor_detr", num_feature_levels=1, num_queries=300, num_patterns=3,
+                  dropout=0.0, lr=1e-4, lr_backbone=1e-5, batch_size=1)
+
+
+def tiny_anchor_detr() -> Config:
+    """Anchor DETR at tiny_pretrained's size and recipe (the shipped pretrained backbone,
+    frozen statistics, C=64, 2+2 layers), with 10 anchors x 3 patterns = 30 queries
+    (tiny's count), one C5 map (stride 32: 3 x 3 at 96 px), no box refinement or
+    two-stage (Anchor DETR has neither)."""
+    return tiny_pretrained().replace(model="anchor_detr", num_feature_levels=1,
+                                     num_queries=10, num_patterns=3, with_box_refine=False,
+                                     two_stage=False)
+
+
 PRESETS = {
     "paper": Config,
     "single_scale": lambda: Config(num_feature_levels=1),
@@ -341,6 +381,9 @@ PRESETS = {
     "tiny_conditional_detr": tiny_conditional_detr,
     "efficient_detr": efficient_detr,
     "tiny_efficient_detr": tiny_efficient_detr,
+    "anchor_detr": anchor_detr,
+    "anchor_detr_dc5": lambda: anchor_detr().replace(dilation=True),
+    "tiny_anchor_detr": tiny_anchor_detr,
 }
 
 
@@ -378,6 +421,11 @@ def build_model(cfg: Config):
                                 num_encoder_layers=cfg.enc_layers,
                                 num_decoder_layers=cfg.dec_layers, d_ffn=cfg.dim_feedforward,
                                 dropout=cfg.dropout, aux_loss=cfg.aux_loss)
+    elif cfg.model == "anchor_detr":  # no position encoding in its backbone: `backbone[0]`
+        model = AnchorDETR(backbone[0], cfg.num_classes, cfg.num_queries, cfg.num_patterns,
+                           d_model=cfg.hidden_dim, n_heads=cfg.nheads,
+                           num_encoder_layers=cfg.enc_layers, num_decoder_layers=cfg.dec_layers,
+                           d_ffn=cfg.dim_feedforward, dropout=cfg.dropout, aux_loss=cfg.aux_loss)
     elif detr:
         model = DETR(backbone, cfg.num_classes, cfg.num_queries, d_model=cfg.hidden_dim,
                      n_heads=cfg.nheads, num_encoder_layers=cfg.enc_layers,
