@@ -65,7 +65,9 @@ class ModelFile:
         parts += [name for name, on in (("box refinement", cfg.with_box_refine),
                                         ("two-stage", cfg.two_stage)) if on]
         coco = " (COCO)" if self.meta.get("category_ids") == coco_label_space()[0] else ""
-        parts += [f"{cfg.num_queries} queries", f"{cfg.num_classes} classes{coco}"]
+        queries = (f"{cfg.num_queries} anchors x {cfg.num_patterns} patterns"
+                   if cfg.model == "anchor_detr" else f"{cfg.num_queries} queries")
+        parts += [queries, f"{cfg.num_classes} classes{coco}"]
         kind = KINDS[self.kind]
         if cfg.model == "detr":
             head = "softmax + no-object" if cfg.no_object else "focal"
@@ -75,6 +77,8 @@ class ModelFile:
             if self.kind == "official":
                 kind = kind.replace("Deformable DETR", "Conditional DETR")
             parts.insert(0, "model=conditional_detr (focal)")
+        elif cfg.model in ("anchor_detr", "efficient_detr"):
+            parts.insert(0, f"model={cfg.model} (focal)")
         assumed = f"; assumed {', '.join(self.notes)}" if self.notes else ""
         return (f"{os.fspath(self.path)}: {kind}, {', '.join(parts)} "
                 f"(variant from {self.found_in}{assumed})")

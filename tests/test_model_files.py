@@ -360,3 +360,22 @@ def test_hf_id2label_without_the_unused_ids_still_names_the_coco_rows(tmp_path):
     found = read_model_file(tmp_path)
     assert found.cfg.num_classes == 91  # from the class head: the 80 ids are not contiguous
     assert found.meta["class_names"][18] == "dog" and found.meta["class_names"][12] == "N/A"
+
+
+@pytest.mark.parametrize("preset, says", [
+    ("tiny_anchor_detr", "model=anchor_detr (focal), resnet18, single-scale, "
+                         "10 anchors x 3 patterns"),
+    ("tiny_efficient_detr", "model=efficient_detr (focal), resnet18, 4 levels, box refinement, "
+                            "two-stage, 30 queries"),
+    ("tiny_conditional_detr", "model=conditional_detr (focal), resnet18, single-scale, "
+                              "30 queries"),
+])
+def test_family_members_saved_files_say_what_they_are(preset, says, tmp_path):
+    cfg = get_config(preset, pretrained_backbone=None)
+    model = build_model(cfg)[0]
+    path = tmp_path / f"{preset}.pth"
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0, "step": 0},
+               path)
+    found = read_model_file(path)
+    assert found.cfg == cfg
+    assert says in found.describe(), found.describe()
