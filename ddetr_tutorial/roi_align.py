@@ -30,7 +30,8 @@ BACKENDS = ("grid_sample", "ms_deform_attn")
 
 def _check_features(features) -> None:
     if not isinstance(features, torch.Tensor):
-        raise TypeError(f"features must be a torch.Tensor (N, C, H, W), got {type(features).__name__}")
+        raise TypeError("features must be a torch.Tensor (N, C, H, W), "
+                        f"got {type(features).__name__}")
     if features.dim() != 4:
         raise ValueError(f"features must be (N, C, H, W), got shape {tuple(features.shape)}")
     if not features.is_floating_point():
@@ -38,14 +39,16 @@ def _check_features(features) -> None:
 
 
 def rois_from_boxes(boxes, N: int) -> torch.Tensor:
-    """boxes: list of N tensors (K_i, 4), or a (K, 5) tensor -> (K, 5) (batch index, x1, y1, x2, y2)."""
+    """boxes: list of N tensors (K_i, 4), or one (K, 5) -> (K, 5) (batch index, x1, y1, x2, y2)."""
     if isinstance(boxes, (list, tuple)):
         if len(boxes) != N:
-            raise ValueError(f"boxes is a list of {len(boxes)} tensors but features hold {N} images")
+            raise ValueError(f"boxes is a list of {len(boxes)} tensors but features hold "
+                             f"{N} images")
         for i, b in enumerate(boxes):
             if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.shape[1] != 4:
                 shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
-                raise ValueError(f"boxes[{i}] must be a (K_i, 4) tensor (x1, y1, x2, y2), got {shape}")
+                raise ValueError(f"boxes[{i}] must be a (K_i, 4) tensor (x1, y1, x2, y2), "
+                                 f"got {shape}")
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
                           for i, b in enumerate(boxes)]) if boxes else torch.zeros(0, 5)
     elif isinstance(boxes, torch.Tensor):
@@ -67,9 +70,12 @@ def rois_from_boxes(boxes, N: int) -> torch.Tensor:
 
 
 def _pair(output_size) -> tuple[int, int]:
-    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
-        raise TypeError(f"output_size must be an int or a pair of ints (ph, pw), got {output_size!r}")
+    size = (output_size, output_size) if isinstance(output_size, int) else output_size
+    ints = isinstance(size, (tuple, list)) and len(size) == 2 and all(
+        isinstance(s, int) and not isinstance(s, bool) for s in size)
+    if not ints:
+        raise TypeError("output_size must be an int or a pair of ints (ph, pw), "
+                        f"got {output_size!r}")
     if min(size) <= 0:
         raise ValueError(f"output_size must be positive, got {output_size!r}")
     return size
@@ -144,10 +150,11 @@ def roi_align_reference(features, boxes, output_size, spatial_scale=1.0, samplin
 # --------------------------------------------------------------------------- the fast route
 
 def _sample_points(rois, ph, pw, spatial_scale, sampling_ratio, aligned):
-    """Pixel coordinates of every sample and its weight (1/count, 0 when outside or padding).
+    """Pixel coordinates of every sample, which of them a box uses, and its sample count.
 
-    rois (K, 5) -> y (K, ph, G_h), x (K, pw, G_w), weight (K, ph, G_h, pw, G_w).
-    Adaptive grids differ per box: all boxes get the largest, the extra samples weigh 0.
+    rois (K, 5) -> y (K, ph, G_h), x (K, pw, G_w), y_used, x_used (same shapes, bool),
+    count (K, 1, 1, 1, 1), (G_h, G_w). Adaptive grids differ per box: every box gets the
+    largest, and the samples beyond its own grid are marked unused.
     """
     offset = 0.5 if aligned else 0.0
     start = rois[:, 1:3] * spatial_scale - offset                   # (K, 2) (x1, y1)
@@ -159,7 +166,7 @@ def _sample_points(rois, ph, pw, spatial_scale, sampling_ratio, aligned):
         grid = torch.full_like(size, sampling_ratio, dtype=torch.long)
     else:
         grid = torch.ceil(bins).long()                              # ceil(roi / pooled)
-    G_w, G_h = (max(int(grid[:, 0].max()), 1), max(int(grid[:, 1].max()), 1)) if len(rois) else (1, 1)
+    G_w, G_h = (max(int(g), 1) for g in grid.max(0).values)  # rois is never empty here
 
     def axis(d, P, G):  # (K, P, G) positions along one axis and their validity
         g = grid[:, d].to(size.dtype)[:, None, None]
@@ -218,10 +225,14 @@ def _by_ms_deform_attn(features, rois, pts, ph, pw):
     batch = rois[:, 0].long()
     per_image = torch.bincount(batch, minlength=N)
     Kmax = int(per_image.max())
-    slot = torch.arange(K, device=batch.device) - (torch.cumsum(per_image, 0) - per_image)[batch]
+    order = torch.argsort(batch, stable=True)                   # boxes grouped by image
+    first = torch.cumsum(per_image, 0) - per_image              # (N,) first row of each image
+    rank = torch.arange(K, device=batch.device) - first[batch[order]]
+    slot = torch.empty_like(batch).index_put_((order,), rank)  # (K,) row within its image
     # Each image's boxes become its queries, padded to Kmax with weight-0 queries.
     P = G_h * G_w
-    locs = loc.new_full((N, Kmax, ph * pw, P, 2), 0.5).index_put((batch, slot), loc.reshape(K, ph * pw, P, 2))
+    locs = loc.new_full((N, Kmax, ph * pw, P, 2), 0.5).index_put(
+        (batch, slot), loc.reshape(K, ph * pw, P, 2))
     wts = w.new_zeros(N, Kmax, ph * pw, P).index_put((batch, slot), w.reshape(K, ph * pw, P))
     value = features.flatten(2).transpose(1, 2).unsqueeze(2)    # (N, S, M=1, C)
     shapes = torch.tensor([[H, W]], dtype=torch.long, device=features.device)
