@@ -4,7 +4,7 @@ values worked out by hand on a 2x2 map, gradcheck, and bad inputs."""
 import pytest
 import torch
 
-from ddetr_tutorial.roi_align import BACKENDS, roi_align, roi_align_reference
+from ddetr_tutorial.roi_align import BACKEND_CHOICES, BACKENDS, roi_align, roi_align_reference
 
 H, W = 6, 8
 
@@ -54,7 +54,16 @@ def test_equals_reference(backend, aligned, sampling_ratio, spatial_scale):
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def test_ms_deform_attn_route_through_the_op_reference(monkeypatch):
+    # DDETR_BACKEND=pytorch: the op's grid_sample reference (zero padding) under the route.
+    monkeypatch.setenv("DDETR_BACKEND", "pytorch")
+    feats, boxes = _features_and_boxes(seed=3)
+    want = roi_align_reference(feats, boxes, 5, 1.0, 0, True)
+    got = roi_align(feats, boxes, 5, 1.0, 0, True, backend="ms_deform_attn")
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKEND_CHOICES)
 def test_batch_index_form_and_float32(backend):
     feats, boxes = _features_and_boxes(seed=1)
     rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), dtype=b.dtype), b], 1)
