@@ -93,6 +93,8 @@ def _check_args(features, boxes, output_size, spatial_scale, sampling_ratio):
     if not (isinstance(spatial_scale, (int, float)) and math.isfinite(spatial_scale)
             and spatial_scale > 0):
         raise ValueError(f"spatial_scale must be a positive finite number, got {spatial_scale!r}")
+    if rois.device != features.device:
+        raise ValueError(f"boxes are on {rois.device} but features on {features.device}")
     return rois.to(features.dtype), _pair(output_size)
 
 

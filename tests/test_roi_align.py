@@ -147,6 +147,7 @@ def test_no_boxes():
     (lambda f, b: roi_align(f, b, 7, spatial_scale=0.0), ValueError, "spatial_scale"),
     (lambda f, b: roi_align(f, b, 7, backend="cuda"), ValueError, "backend must be one of"),
     (lambda f, b: roi_align_reference(f, b, 0), ValueError, "positive, got 0"),
+    (lambda f, b: roi_align(f.to("meta"), b, 7), ValueError, "on cpu but features on meta"),
 ])
 def test_bad_input(call, err, match):
     feats = torch.randn(2, 3, 4, 4)
