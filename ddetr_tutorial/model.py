@@ -138,7 +138,7 @@ class DeformableDETR(nn.Module):
         if self.uses_targets and self.training and targets is not None:
             dn = self.denoising.queries(targets, self.num_queries)  # None without targets
         hs, init_reference, references, enc_class, enc_coord_unact = \
-            self.transformer(srcs, masks, pos, query_embed, dn)
+            self.transformer(srcs, masks, pos, query_embed, dn=dn)
         logits, boxes = self.predict(hs, init_reference, references)
         enc_outputs = dn_outputs = None
         if self.two_stage:

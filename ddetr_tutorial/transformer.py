@@ -217,7 +217,7 @@ class DeformableDecoder(nn.Module):
             scale = ratios if reference_points.shape[-1] == 2 else torch.cat([ratios, ratios], -1)
             points = reference_points[:, :, None] * scale[:, None]  # (N, Q, L, 2|4)
             tgt = layer(tgt, query_pos, points, memory, spatial_shapes, level_start_index,
-                        padding_mask, self_attn_mask)
+                        padding_mask, self_attn_mask=self_attn_mask)
             if self.bbox_embed is not None:
                 reference_points = self.refine(self.bbox_embed[lid](tgt), reference_points)
             outputs.append(tgt)
@@ -345,7 +345,8 @@ class DeformableTransformer(nn.Module):
                                                                      reference_points, dn)
             attn_mask = dn.attn_mask
         hs, references = self.decoder(tgt, reference_points, memory, spatial_shapes,
-                                      level_start_index, ratios, query_pos, mask, attn_mask)
+                                      level_start_index, ratios, query_pos, mask,
+                                      self_attn_mask=attn_mask)
         return TransformerOutput(hs, reference_points, references, enc_class, enc_coord_unact)
 
     def append_denoising(self, query_pos, tgt, reference_points, dn):
