@@ -22,7 +22,8 @@ Where the paper is silent, or its DN-Deformable-DETR differs from our base:
 - the matching queries keep their own content (no indicator bit 0 on them), so
   a DN model's weights run unchanged in a plain model;
 - the dn loss is normalised by the number of real dn queries (G x targets), on
-  each process.
+  each process (as official); a batch without targets has no dn queries, and
+  the model keeps the label embedding in its graph with a zero term (for DDP).
 """
 
 from __future__ import annotations
