@@ -19,6 +19,7 @@ from .backbone import RESNETS, build_backbone
 from .conditional_detr import ConditionalDETR
 from .data import make_transforms, scale_for
 from .data.transforms import PAPER_MAX_SIZE, PAPER_SCALES
+from .denoising import Denoising, DenoisingCriterion, dn_weight_dict
 from .detr import DETR
 from .efficient_detr import EfficientDETR, EfficientTransformer
 from .losses import SetCriterion, weight_dict
@@ -68,6 +69,10 @@ class Config:
     op_backend: str = "auto"         # ms_deform_attn backend: auto / pytorch / cpu / cuda
     num_patterns: int = 3            # Anchor DETR: P pattern embeddings per anchor point
                                      # (num_queries anchors: num_patterns x num_queries boxes)
+    dn_groups: int = 0               # DN-DETR: G groups of noised ground truth in training
+                                     # (0: off; needs model="deformable", two_stage)
+    dn_label_noise: float = 0.2      # DN: probability of flipping a dn query's label
+    dn_box_noise: float = 0.4        # DN: box noise scale (centre +- s w/2, side x 1 +- s)
     # --- matcher and loss
     set_cost_class: float = 2.0
     set_cost_bbox: float = 5.0
@@ -130,6 +135,9 @@ RANGES = {
     "dec_n_points": (1, None, True),
     "num_queries": (1, None, True),
     "num_patterns": (1, None, True),
+    "dn_groups": (0, None, True),
+    "dn_label_noise": (0.0, 1.0, True),
+    "dn_box_noise": (0.0, None, True),
     "num_classes": (1, None, True),
     "set_cost_class": (0.0, None, True),
     "set_cost_bbox": (0.0, None, True),
@@ -231,6 +239,10 @@ def _check_together(cfg: Config) -> None:
         raise ValueError(f"config field no_object=True needs model='detr', got "
                          f"model={cfg.model!r} (Deformable DETR's head is sigmoid focal)")
     _check_anchor_detr(cfg)
+    if cfg.dn_groups and (cfg.model != "deformable" or not cfg.two_stage):
+        raise ValueError(f"config field dn_groups={cfg.dn_groups}: denoising needs "
+                         f"model='deformable' with two_stage=True (its noised boxes are 4-d "
+                         f"reference boxes), got model={cfg.model!r}, two_stage={cfg.two_stage}")
     if not (cfg.set_cost_class or cfg.set_cost_bbox or cfg.set_cost_giou):
         raise ValueError("config fields set_cost_class, set_cost_bbox, set_cost_giou are all 0: "
                          "expected at least one > 0 (else every matching costs the same)")
@@ -384,6 +396,9 @@ PRESETS = {
     "anchor_detr": anchor_detr,
     "anchor_detr_dc5": lambda: anchor_detr().replace(dilation=True),
     "tiny_anchor_detr": tiny_anchor_detr,
+    # DN-DETR (Li et al. 2022) on two-stage Deformable DETR: 5 groups, noise 0.2 / 0.4.
+    "dn_deformable_detr": lambda: Config(with_box_refine=True, two_stage=True, dn_groups=5),
+    "tiny_dn_deformable_detr": lambda: tiny_pretrained().replace(dn_groups=5),
 }
 
 
@@ -441,17 +456,24 @@ def build_model(cfg: Config):
             dec_n_points=cfg.dec_n_points, enc_n_points=cfg.enc_n_points,
             two_stage=cfg.two_stage, two_stage_num_proposals=cfg.num_queries,
             backend=cfg.op_backend, cross_level=cfg.cross_level_attention)
+        denoising = (Denoising(cfg.num_classes, cfg.hidden_dim, cfg.dn_groups,
+                               cfg.dn_label_noise, cfg.dn_box_noise) if cfg.dn_groups else None)
         model = DeformableDETR(backbone, transformer, cfg.num_classes, cfg.num_queries,
                                n_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
-                               with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage)
+                               with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage,
+                               denoising=denoising)
     matcher = HungarianMatcher(cost_class=cfg.set_cost_class, cost_bbox=cfg.set_cost_bbox,
                                cost_giou=cfg.set_cost_giou, focal_alpha=cfg.focal_alpha,
                                no_object=cfg.no_object)
     weights = weight_dict(cls=cfg.cls_loss_coef, bbox=cfg.bbox_loss_coef,
                           giou=cfg.giou_loss_coef, num_decoder_layers=cfg.dec_layers,
                           aux_loss=cfg.aux_loss, two_stage=cfg.two_stage)
-    criterion = SetCriterion(cfg.num_classes, matcher, weights, focal_alpha=cfg.focal_alpha,
-                             no_object=cfg.no_object, eos_coef=cfg.eos_coef)
+    kind, extra = SetCriterion, {}
+    if cfg.dn_groups:  # plus the reconstruction loss of the dn queries, on every layer
+        weights = dn_weight_dict(weights, cfg.dec_layers, cfg.aux_loss)
+        kind, extra = DenoisingCriterion, {"groups": cfg.dn_groups}
+    criterion = kind(cfg.num_classes, matcher, weights, focal_alpha=cfg.focal_alpha,
+                     no_object=cfg.no_object, eos_coef=cfg.eos_coef, **extra)
     return model, criterion, PostProcess(cfg.num_select, no_object=cfg.no_object)
 
 

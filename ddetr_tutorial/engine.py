@@ -135,7 +135,11 @@ def train_step(model, criterion, batch, optimizer, device, clip_max_norm=0.1,
     gradient norm (before clipping). A non-finite loss raises FloatingPointError."""
     images, mask, targets = to_device(*batch, device)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        outputs = model(images, mask)
+        # DN (denoising) models also read the targets: their dn queries are noised ones.
+        if getattr(getattr(model, "module", model), "uses_targets", False):
+            outputs = model(images, mask, targets=targets)
+        else:
+            outputs = model(images, mask)
     losses = criterion(outputs, targets)  # in float32 (the criterion upcasts)
     loss = total_loss(losses, criterion.weight_dict)
     if not torch.isfinite(loss):

@@ -58,12 +58,13 @@ class DeformableDETR(nn.Module):
     transformer: `DeformableTransformer`; num_classes: sigmoid classes (no
     "no-object" logit); num_queries: object queries (Q); n_levels: feature levels
     (L); aux_loss: return every decoder layer's predictions; with_box_refine,
-    two_stage: Sec. 4.2.
+    two_stage: Sec. 4.2; denoising: a `denoising.Denoising` (DN-DETR's training
+    queries; forward then takes the targets in training).
     """
 
     def __init__(self, backbone, transformer: DeformableTransformer, num_classes: int,
                  num_queries: int, n_levels: int, aux_loss: bool = True,
-                 with_box_refine: bool = False, two_stage: bool = False):
+                 with_box_refine: bool = False, two_stage: bool = False, denoising=None):
         super().__init__()
         if two_stage and not with_box_refine:
             raise ValueError("two_stage=True needs with_box_refine=True: the proposals are "
@@ -81,6 +82,16 @@ class DeformableDETR(nn.Module):
         self.input_proj = _input_projections(backbone, C, n_levels)
         self.class_embed, self.bbox_embed = self._heads(C, num_classes,
                                                         transformer.decoder.num_layers)
+        if denoising is not None:  # registered only then: plain models keep their keys
+            if not two_stage:
+                raise ValueError("denoising needs two_stage=True: the dn queries' noised "
+                                 "boxes are 4-d reference boxes, as the two-stage proposals")
+            self.denoising = denoising
+
+    @property
+    def uses_targets(self) -> bool:
+        """Whether forward wants the targets in training (DN)."""
+        return getattr(self, "denoising", None) is not None
 
     def _heads(self, C, num_classes, num_layers):
         """Class and box heads, one per decoder layer (+1 for two-stage proposals):
@@ -109,25 +120,38 @@ class DeformableDETR(nn.Module):
                 nn.init.zeros_(head.layers[-1].bias[2:])  # proposals carry the size
         return class_heads, box_heads
 
-    def forward(self, images, mask) -> DetectionOutput:
-        """images: (N, 3, H, W) normalized; mask: (N, H, W) bool, True on padding.
+    def forward(self, images, mask, targets=None) -> DetectionOutput:
+        """images: (N, 3, H, W) normalized; mask: (N, H, W) bool, True on padding;
+        targets: N dicts of labels, boxes, read only by a DN model in training.
 
         Returns a `DetectionOutput` (it answers `outputs["pred_logits"]` like the
         official dict): pred_logits (N, Q, classes), pred_boxes (N, Q, 4) cxcywh
         in [0, 1] of each unpadded image, aux_outputs (earlier decoder layers)
         and, for two-stage, enc_outputs (the encoder's proposals). Where the
-        attention sampled: `ddetr_tutorial.recording.record_sampling`.
+        attention sampled: `ddetr_tutorial.recording.record_sampling`. A DN model
+        in training also returns dn_outputs, the dn queries' predictions.
         """
         features, masks, pos = self.backbone(images, mask)
         srcs, masks, pos = self.project(features, masks, pos, mask)
         query_embed = None if self.two_stage else self.query_embed.weight
+        dn = None
+        if self.uses_targets and self.training and targets is not None:
+            dn = self.denoising.queries(targets, self.num_queries)  # None without targets
         hs, init_reference, references, enc_class, enc_coord_unact = \
-            self.transformer(srcs, masks, pos, query_embed)
+            self.transformer(srcs, masks, pos, query_embed, dn=dn)
         logits, boxes = self.predict(hs, init_reference, references)
-        enc_outputs = None
+        enc_outputs = dn_outputs = None
         if self.two_stage:
             enc_outputs = DetectionOutput(enc_class, enc_coord_unact.sigmoid())
-        return _detection_output(logits, boxes, self.aux_loss, enc_outputs)
+        if dn is not None:  # (layers, N, Q + G*P, ...): the matching part, then the dn part
+            Q = self.num_queries
+            dn_outputs = _detection_output(logits[:, :, Q:], boxes[:, :, Q:], self.aux_loss)
+            logits, boxes = logits[:, :, :Q], boxes[:, :, :Q]
+        elif self.uses_targets and self.training:  # no target: keep the embedding in the
+            logits = logits + 0 * self.denoising.label_embed.weight.sum()  # graph (for DDP)
+        output = _detection_output(logits, boxes, self.aux_loss, enc_outputs)
+        output.dn_outputs = dn_outputs
+        return output
 
     def project(self, features, masks, pos, image_mask):
         """Backbone maps -> L maps of width C, adding the extra strided levels."""

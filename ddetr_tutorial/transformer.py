@@ -173,11 +173,12 @@ class DeformableDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes,
-                level_start_index, padding_mask=None):
+                level_start_index, padding_mask=None, self_attn_mask=None):
         """tgt, query_pos: (N, Q, C); reference_points: (N, Q, L, 2 or 4);
-        memory: (N, S, C). Returns (N, Q, C)."""
+        memory: (N, S, C); self_attn_mask: (Q, Q) bool, True = blocked (DN).
+        Returns (N, Q, C)."""
         q = k = tgt + query_pos
-        attended = self.self_attn(q, k, tgt, need_weights=False)[0]
+        attended = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
         attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes,
                                    level_start_index, padding_mask)
@@ -204,9 +205,10 @@ class DeformableDecoder(nn.Module):
         self.class_embed = None
 
     def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index,
-                ratios, query_pos, padding_mask=None) -> DecoderOutput:
+                ratios, query_pos, padding_mask=None, self_attn_mask=None) -> DecoderOutput:
         """tgt, query_pos: (N, Q, C); reference_points: (N, Q, 2 or 4) in [0, 1] of the
-        valid image; ratios: (N, L, 2). Returns every layer's output hs
+        valid image; ratios: (N, L, 2); self_attn_mask: (Q, Q) bool, True = blocked
+        (the denoising mask). Returns every layer's output hs
         (layers, N, Q, C) and the reference after each layer (layers, N, Q, 2|4):
         refined boxes with `bbox_embed`, else the initial reference repeated."""
         outputs, references = [], []
@@ -215,7 +217,7 @@ class DeformableDecoder(nn.Module):
             scale = ratios if reference_points.shape[-1] == 2 else torch.cat([ratios, ratios], -1)
             points = reference_points[:, :, None] * scale[:, None]  # (N, Q, L, 2|4)
             tgt = layer(tgt, query_pos, points, memory, spatial_shapes, level_start_index,
-                        padding_mask)
+                        padding_mask, self_attn_mask=self_attn_mask)
             if self.bbox_embed is not None:
                 reference_points = self.refine(self.bbox_embed[lid](tgt), reference_points)
             outputs.append(tgt)
@@ -311,12 +313,13 @@ class DeformableTransformer(nn.Module):
         spatial_shapes, level_start_index = level_tensors(shapes, src.device)
         return src, mask, pos, spatial_shapes, level_start_index
 
-    def forward(self, srcs, masks, pos_embeds, query_embed=None) -> TransformerOutput:
+    def forward(self, srcs, masks, pos_embeds, query_embed=None, dn=None) -> TransformerOutput:
         """srcs, pos_embeds: lists of (N, C, H_l, W_l); masks: lists of (N, H_l, W_l);
         query_embed: (Q, 2C) learned queries (position half, content half), unused
         with two-stage. Returns a `TransformerOutput`: hs (layers, N, Q, C),
         init_reference (N, Q, 2|4), references (layers, N, Q, 2|4), and the
-        encoder's class logits and unactivated boxes (N, S, ...) for two-stage."""
+        encoder's class logits and unactivated boxes (N, S, ...) for two-stage.
+        dn: `denoising.DenoisingQueries`, appended after the Q queries (two-stage)."""
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed is required unless two_stage=True")
         shapes = self.check_levels(srcs, masks, pos_embeds)
@@ -336,9 +339,26 @@ class DeformableTransformer(nn.Module):
             query_pos = query_pos.unsqueeze(0).expand(N, -1, -1)
             tgt = tgt.unsqueeze(0).expand(N, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()  # (N, Q, 2)
+        attn_mask = None
+        if dn is not None:
+            query_pos, tgt, reference_points = self.append_denoising(query_pos, tgt,
+                                                                     reference_points, dn)
+            attn_mask = dn.attn_mask
         hs, references = self.decoder(tgt, reference_points, memory, spatial_shapes,
-                                      level_start_index, ratios, query_pos, mask)
+                                      level_start_index, ratios, query_pos, mask,
+                                      self_attn_mask=attn_mask)
         return TransformerOutput(hs, reference_points, references, enc_class, enc_coord_unact)
+
+    def append_denoising(self, query_pos, tgt, reference_points, dn):
+        """The dn queries after the matching ones: their positional query made from
+        their noised box as two-stage makes it from a proposal (sine, pos_trans)."""
+        if not self.two_stage:
+            raise ValueError("denoising queries need two_stage=True (4-d reference boxes)")
+        embed = self.proposal_pos_embed(inverse_sigmoid(dn.reference_points),
+                                        num_pos_feats=self.d_model // 2)
+        dn_pos = self.pos_trans_norm(self.pos_trans(embed))[..., :self.d_model]
+        return (torch.cat([query_pos, dn_pos], 1), torch.cat([tgt, dn.tgt], 1),
+                torch.cat([reference_points, dn.reference_points], 1))
 
     # ------------------------------------------------------------------ two-stage
 
