@@ -8,8 +8,14 @@ import torch
 from ddetr_tutorial.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
 from ddetr_tutorial.config import build_model, get_config
 from ddetr_tutorial.data import collate_fn
-from ddetr_tutorial.denoising import (DenoisingCriterion, attention_mask, denoising_losses,
-                                      dn_indices, noise_boxes, noise_labels)
+from ddetr_tutorial.denoising import (
+    DenoisingCriterion,
+    attention_mask,
+    denoising_losses,
+    dn_indices,
+    noise_boxes,
+    noise_labels,
+)
 from ddetr_tutorial.engine import train_step
 from ddetr_tutorial.losses import total_loss
 from test_overfit import two_synthetic_images
