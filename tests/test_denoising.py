@@ -166,7 +166,8 @@ def test_criterion_adds_the_dn_loss_of_every_layer():
     outputs = model(torch.randn(2, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.bool),
                     targets=TARGETS)
     losses = criterion(outputs, TARGETS)
-    for suffix, layer in (("_dn", outputs.dn_outputs), ("_dn_0", outputs.dn_outputs.aux_outputs[0])):
+    layers = (("_dn", outputs.dn_outputs), ("_dn_0", outputs.dn_outputs.aux_outputs[0]))
+    for suffix, layer in layers:
         by_hand = denoising_losses(layer, TARGETS, 5)
         for name in ("loss_ce", "loss_bbox", "loss_giou"):
             assert torch.equal(losses[name + suffix], by_hand[name])
