@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from ddetr_tutorial.anchor_detr import pixel_positions, relative_to_anchors, sine_1d, sine_2d
-from ddetr_tutorial.box_ops import box_cxcywh_to_xyxy, box_iou
 from ddetr_tutorial.config import build_model, get_config
 from ddetr_tutorial.losses import total_loss
 from ddetr_tutorial.rcda import RowColumnAttention, decoupled_attention
 from ddetr_tutorial.weights import load_official_checkpoint
 from official import official_keys, random_value
 from test_model import batch
-from test_overfit import two_synthetic_images
+from test_overfit import assert_memorises_two_images
 
 ANCHOR_PRESET_KEYS = {"anchor_detr": "anchor_detr_r50", "anchor_detr_dc5": "anchor_detr_r50_dc5"}
 
@@ -223,29 +222,7 @@ def test_padding_is_not_attended():
 
 
 def test_tiny_anchor_detr_memorises_two_images():
-    torch.manual_seed(0)
-    images, mask, targets = two_synthetic_images()
-    model, criterion, _ = build_model(get_config("tiny_anchor_detr"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4)
-    first = None
-    for _ in range(300):
-        loss = total_loss(criterion(model(images, mask), targets), criterion.weight_dict)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.1)
-        optimizer.step()
-        first = first if first is not None else loss.item()
-        if loss.item() <= 0.1 * first:
-            break
-    assert loss.item() <= 0.1 * first, f"loss fell from {first:.3f} to {loss.item():.3f} only"
-    model.eval()
-    with torch.no_grad():
-        outputs = model(images, mask)
-    for i, (queries, gts) in enumerate(criterion.matcher(outputs, targets)):
-        predicted = box_cxcywh_to_xyxy(outputs["pred_boxes"][i, queries])
-        iou = box_iou(predicted, box_cxcywh_to_xyxy(targets[i]["boxes"][gts]))[0].diag()
-        assert (iou > 0.7).all(), f"image {i}: matched IoU {iou.tolist()}"
+    assert_memorises_two_images(get_config("tiny_anchor_detr"))
 
 
 @pytest.mark.parametrize("change, message", [

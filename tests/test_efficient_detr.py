@@ -8,14 +8,13 @@ import math
 import pytest
 import torch
 
-from ddetr_tutorial.box_ops import box_cxcywh_to_xyxy, box_iou
 from ddetr_tutorial.config import build_model, get_config
 from ddetr_tutorial.data import collate_fn
 from ddetr_tutorial.efficient_detr import EfficientDETR
 from ddetr_tutorial.losses import total_loss
 from ddetr_tutorial.model_files import load_model
 from ddetr_tutorial.transformer import DeformableTransformer
-from test_overfit import two_synthetic_images
+from test_overfit import assert_memorises_two_images
 
 K = 30  # tiny_efficient_detr's queries
 
@@ -156,29 +155,7 @@ def test_trains_on_a_padded_mixed_size_batch():
 
 
 def test_tiny_efficient_detr_memorises_two_images():
-    torch.manual_seed(0)
-    images, mask, targets = two_synthetic_images()
-    model, criterion, _ = build_model(get_config("tiny_efficient_detr", num_classes=3))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=1e-4)
-    first = None
-    for _ in range(300):
-        loss = total_loss(criterion(model(images, mask), targets), criterion.weight_dict)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.1)
-        optimizer.step()
-        first = first if first is not None else loss.item()
-        if loss.item() <= 0.1 * first:
-            break
-    assert loss.item() <= 0.1 * first, f"loss fell from {first:.3f} to {loss.item():.3f} only"
-    model.eval()
-    with torch.no_grad():
-        outputs = model(images, mask)
-    for i, (queries, gts) in enumerate(criterion.matcher(outputs, targets)):
-        iou = box_iou(box_cxcywh_to_xyxy(outputs["pred_boxes"][i, queries]),
-                      box_cxcywh_to_xyxy(targets[i]["boxes"][gts]))[0].diag()
-        assert (iou > 0.7).all(), f"image {i}: matched IoU {iou.tolist()}"
+    assert_memorises_two_images(get_config("tiny_efficient_detr", num_classes=3))
 
 
 @pytest.mark.parametrize("change, message", [
