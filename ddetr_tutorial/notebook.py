@@ -1,10 +1,12 @@
-"""What the notebooks share: the fast switch and the shipped model.
+"""What the notebooks share: the fast switch, the shipped model and two small helpers.
 
 `fast_mode()` is True when DDETR_FAST=1, or when CI is set and DDETR_FAST is not:
 notebooks then shrink their sizes and steps so nbmake runs them all in minutes.
 The shipped model is package data (`ddetr_tutorial/shipped/`), found without the
 repository; `REPO` is only for notebooks that read the checkout's own files
-(benchmarks/results) and means nothing in an installed copy.
+(benchmarks/results) and means nothing in an installed copy. `to_rgb` and `bilinear`
+are written once here: notebook 03 builds bilinear sampling by hand and checks it
+against this one, later notebooks import it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .model_files import load_model
 from .shipped import SHIPPED, shipped_checkpoint
 
@@ -32,3 +38,24 @@ def load_shipped_model(device="cpu", **overrides):
     """The tiny model trained on the shapes set (shipped as "tiny_shapes"), in eval
     mode: (model, cfg, postprocess, meta), as `model_files.load_model` returns."""
     return load_model(shipped_checkpoint("tiny_shapes"), device=device, **overrides)
+
+
+def to_rgb(image):
+    """Undo the ImageNet normalization of a model input for display:
+    (3, H, W) normalized tensor -> (H, W, 3) numpy array in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=image.dtype)[:, None, None]
+    return (image.detach().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def bilinear(feature, loc):
+    """Bilinear sampling of a map at normalized points, zeros outside (notebook 03).
+
+    feature: (H, W, D); loc: (P, 2) normalized (x, y), (0, 0) the map's top-left corner
+    and pixel centres at (j + 0.5) / W -> (P, D). This is `F.grid_sample` with
+    align_corners=False and zero padding, the convention of the official code.
+    """
+    grid = (2 * loc - 1).view(1, 1, -1, 2)  # grid_sample's [-1, 1] coordinates, (1, 1, P, 2)
+    sampled = F.grid_sample(feature.permute(2, 0, 1)[None], grid, mode="bilinear",
+                            padding_mode="zeros", align_corners=False)  # (1, D, 1, P)
+    return sampled[0, :, 0].T
