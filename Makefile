@@ -25,14 +25,15 @@ test: venv
 	$(PY) -m pytest
 	$(PY) -m pytest --nbmake --nbmake-timeout=600 --durations=0 notebooks/
 
-# The shipped model on the validation split it was measured on (regenerated: it
-# depends only on the seed): the COCO table, then its detections drawn.
+# The shipped model on a validation split nobody tuned on (seed 1; checkpoints are
+# chosen on seed 0's), regenerated: it depends only on the seed. The COCO table,
+# then its detections and sampling points drawn.
 DEMO_DATA := data/shapes-demo
 DEMO_IMAGES := $(foreach i,000000 000001 000002 000003 000004 000005,$(DEMO_DATA)/val/$(i).png)
 
 demo: venv
 	$(PY) -m ddetr_tutorial build-ops
-	$(PY) -m ddetr_tutorial make-data shapes --out $(DEMO_DATA) --train 0 --val 200 --size 128 --seed 0
+	$(PY) -m ddetr_tutorial make-data shapes --out $(DEMO_DATA) --train 0 --val 200 --size 128 --seed 1
 	$(PY) -m ddetr_tutorial evaluate --checkpoint tiny_shapes --data $(DEMO_DATA) --out $(OUT)/eval_tiny_shapes.json
 	$(PY) -m ddetr_tutorial predict --checkpoint tiny_shapes $(DEMO_IMAGES) --out $(OUT)/detections
 	$(PY) -m ddetr_tutorial visualize --checkpoint tiny_shapes --image $(DEMO_DATA)/val/000004.png --out $(OUT)/sampling_points.png

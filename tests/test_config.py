@@ -28,7 +28,10 @@ def test_the_shipped_checkpoint_config_still_loads():
     cfg = Config(**stored)
     # Fields added since it was saved take their defaults, which keep its model.
     assert {k: v for k, v in cfg.to_dict().items() if k in stored} == stored
-    assert cfg == get_config("tiny")
+    # The card's recipe: tiny_pretrained with a trained BatchNorm backbone at 128 px.
+    assert cfg == get_config("tiny_pretrained", image_size=128, epochs=20, lr_drop=16,
+                             backbone_norm="batch", train_backbone_stem=True,
+                             lr_backbone=0.001)
 
 
 def test_every_checked_field_exists():
