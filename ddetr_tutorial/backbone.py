@@ -236,7 +236,8 @@ class Backbone(nn.Module):
     """A ResNet whose intermediate maps become the detector's input levels.
 
     Returns C3, C4, C5 (strides 8, 16, 32; DC5: 8, 16, 16) when
-    `return_interm_layers`, else C5 only, each with the padding mask resized to it.
+    `return_interm_layers`, else C5 only, each with the padding mask resized to it;
+    `levels` (indices into [C2..C5]) picks others, e.g. [0, 1, 2, 3] for an FPN.
     As the official model, conv1 and layer1 never train, and nothing trains when
     `train_backbone` is False. `pretrained`: a local torchvision-format state dict
     or a shipped name ("shapes_resnet18_w32", pretrained in `pretraining.py`).
@@ -250,7 +251,7 @@ class Backbone(nn.Module):
     def __init__(self, name: str = "resnet50", train_backbone: bool = True,
                  return_interm_layers: bool = True, dilation: bool = False,
                  pretrained: str | os.PathLike | None = None, norm: str = "frozen",
-                 train_stem: bool = False, width: int = 64):
+                 train_stem: bool = False, width: int = 64, levels=None):
         super().__init__()
         if norm not in ("frozen", "batch"):
             raise ValueError(f"norm must be 'frozen' or 'batch', got {norm!r}")
@@ -264,7 +265,11 @@ class Backbone(nn.Module):
         for pname, param in self.body.named_parameters():
             # The stem and layer1 stay at their ImageNet values (low-level filters).
             param.requires_grad_(train_backbone and pname.startswith(trained))
-        self.levels = [1, 2, 3] if return_interm_layers else [3]  # indices into [C2..C5]
+        if levels is None:  # indices into [C2..C5]
+            levels = [1, 2, 3] if return_interm_layers else [3]
+        if not levels or any(lvl not in (0, 1, 2, 3) for lvl in levels):
+            raise ValueError(f"levels must be indices into [C2, C3, C4, C5] (0-3), got {levels!r}")
+        self.levels = list(levels)
         strides = [4, 8, 16, 16 if dilation else 32]
         self.strides = [strides[i] for i in self.levels]
         self.num_channels = [self.body.num_channels[i] for i in self.levels]
@@ -343,12 +348,13 @@ def build_backbone(*, name: str = "resnet50", hidden_dim: int = 256, train_backb
                    return_interm_layers: bool = True, dilation: bool = False,
                    pretrained: str | os.PathLike | None = None, norm: str = "frozen",
                    train_stem: bool = False, width: int = 64,
-                   position_offset: float = 0.5) -> Joiner:
+                   position_offset: float = 0.5, levels=None) -> Joiner:
     """Backbone + sine position encoding of width hidden_dim (C), as the detector uses them
     (position_offset: 0.5 in Deformable DETR, 0 in DETR; see PositionEmbeddingSine)."""
     backbone = Backbone(name, train_backbone=train_backbone,
                         return_interm_layers=return_interm_layers, dilation=dilation,
-                        pretrained=pretrained, norm=norm, train_stem=train_stem, width=width)
+                        pretrained=pretrained, norm=norm, train_stem=train_stem, width=width,
+                        levels=levels)
     return Joiner(backbone, build_position_encoding(hidden_dim=hidden_dim,
                                                     offset=position_offset))
 

@@ -19,6 +19,7 @@ from .efficient_detr import EfficientDETR, EfficientTransformer
 from .losses import SetCriterion, weight_dict
 from .matcher import HungarianMatcher
 from .model import DeformableDETR, PostProcess
+from .sparse_rcnn import SparseRCNN
 from .transformer import DeformableTransformer
 
 if TYPE_CHECKING:  # config.py imports this module
@@ -45,7 +46,8 @@ def build_model(cfg: Config):
                               return_interm_layers=cfg.num_feature_levels > 1 and not detr,
                               dilation=cfg.dilation, pretrained=cfg.pretrained_backbone,
                               norm=cfg.backbone_norm, train_stem=cfg.train_backbone_stem,
-                              width=cfg.backbone_width)
+                              width=cfg.backbone_width,
+                              levels=[0, 1, 2, 3] if cfg.model == "sparse_rcnn" else None)
     if cfg.model == "conditional_detr":
         model = ConditionalDETR(backbone, cfg.num_classes, cfg.num_queries,
                                 d_model=cfg.hidden_dim, n_heads=cfg.nheads,
@@ -64,6 +66,11 @@ def build_model(cfg: Config):
                      dropout=cfg.dropout, aux_loss=cfg.aux_loss, no_object=cfg.no_object)
     elif cfg.model == "efficient_detr":
         model = _build_efficient_detr(cfg, backbone)
+    elif cfg.model == "sparse_rcnn":  # C2-C5 into its FPN, no position encoding
+        model = SparseRCNN(backbone[0], cfg.num_classes, cfg.num_queries, cfg.dec_layers,
+                           d_model=cfg.hidden_dim, n_heads=cfg.nheads,
+                           d_ffn=cfg.dim_feedforward, dropout=cfg.dropout,
+                           dim_dynamic=cfg.dim_dynamic, aux_loss=cfg.aux_loss)
     else:
         transformer = DeformableTransformer(
             d_model=cfg.hidden_dim, n_heads=cfg.nheads, num_encoder_layers=cfg.enc_layers,

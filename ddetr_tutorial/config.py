@@ -27,7 +27,8 @@ class Config:
 
     # --- model (paper Sec. 5 "Implementation details")
     model: str = "deformable"        # "deformable", "detr" (the dense DETR),
-                                     # "conditional_detr" or "efficient_detr"
+                                     # "conditional_detr", "efficient_detr", "anchor_detr"
+                                     # or "sparse_rcnn"
     backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50 / resnet101
     backbone_width: int = 64         # base channels (64 = torchvision; 32 = a quarter the cost)
     dilation: bool = False           # DC5: dilate the last stage (C5 at stride 16)
@@ -63,6 +64,8 @@ class Config:
                                      # (0: off; needs model="deformable", two_stage)
     dn_label_noise: float = 0.2      # DN: probability of flipping a dn query's label
     dn_box_noise: float = 0.4        # DN: box noise scale (centre +- s w/2, side x 1 +- s)
+    dim_dynamic: int = 64            # Sparse R-CNN: D of the dynamic interaction's generated
+                                     # (C x D) and (D x C) matrices (dec_layers: its stages)
     # --- matcher and loss
     set_cost_class: float = 2.0
     set_cost_bbox: float = 5.0
@@ -105,7 +108,7 @@ class Config:
 
 CHOICES = {
     "model": ("deformable", "detr",
-              "conditional_detr", "efficient_detr", "anchor_detr"),
+              "conditional_detr", "efficient_detr", "anchor_detr", "sparse_rcnn"),
     "backbone": tuple(RESNETS),
     "backbone_norm": ("frozen", "batch"),
     "op_backend": tuple(BACKEND_CHOICES),
@@ -128,6 +131,7 @@ RANGES = {
     "dn_groups": (0, None, True),
     "dn_label_noise": (0.0, 1.0, True),
     "dn_box_noise": (0.0, None, True),
+    "dim_dynamic": (1, None, True),
     "num_classes": (1, None, True),
     "set_cost_class": (0.0, None, True),
     "set_cost_bbox": (0.0, None, True),
@@ -229,6 +233,7 @@ def _check_together(cfg: Config) -> None:
         raise ValueError(f"config field no_object=True needs model='detr', got "
                          f"model={cfg.model!r} (Deformable DETR's head is sigmoid focal)")
     _check_anchor_detr(cfg)
+    _check_sparse_rcnn(cfg)
     if cfg.dn_groups and (cfg.model != "deformable" or not cfg.two_stage):
         raise ValueError(f"config field dn_groups={cfg.dn_groups}: denoising needs "
                          f"model='deformable' with two_stage=True (its noised boxes are 4-d "
@@ -271,6 +276,21 @@ def _check_anchor_detr(cfg: Config) -> None:
         raise ValueError(f"config field model='anchor_detr': expected with_box_refine=False "
                          f"and two_stage=False (its anchors stay fixed), got with_box_refine="
                          f"{cfg.with_box_refine}, two_stage={cfg.two_stage}")
+
+
+def _check_sparse_rcnn(cfg: Config) -> None:
+    """Sparse R-CNN as built here: P2-P5, no encoder, learned proposals, the focal head."""
+    if cfg.model != "sparse_rcnn":
+        return
+    wanted = {"num_feature_levels": (4, "its FPN's P2-P5, the levels its boxes are pooled from"),
+              "enc_layers": (0, "it has no encoder; dec_layers is its number of stages"),
+              "with_box_refine": (False, "every stage refines its boxes already"),
+              "two_stage": (False, "its proposals are learned boxes"),
+              "dilation": (False, "its FPN takes C2-C5 at strides 4-32")}
+    for name, (value, why) in wanted.items():
+        if getattr(cfg, name) != value:
+            raise ValueError(f"config field {name}={getattr(cfg, name)!r}: expected {value!r} "
+                             f"with model='sparse_rcnn' ({why})")
 
 
 def tiny() -> Config:
@@ -363,6 +383,26 @@ def tiny_anchor_detr() -> Config:
                                      two_stage=False)
 
 
+def sparse_rcnn() -> Config:
+    """Sparse R-CNN (PeizeSun/SparseR-CNN, R-50 3x config): ResNet-50 + FPN (P2-P5, C=256),
+    100 learned proposals, 6 stages of 8-head self-attention, the dynamic interaction
+    (D=64) and FFN 2048, dropout 0; focal costs and loss weights 2 / 5 / 2; AdamW lr
+    2.5e-5 for everything (the backbone too), weight decay 1e-4, gradient clipping 1.0,
+    16 images a batch, 36 epochs; its two drops (epochs 28 and 33) are one here, at 28."""
+    return Config(model="sparse_rcnn", num_feature_levels=4, enc_layers=0, dec_layers=6,
+                  num_queries=100, dim_feedforward=2048, dropout=0.0, dim_dynamic=64,
+                  lr=2.5e-5, lr_backbone=2.5e-5, clip_max_norm=1.0,
+                  batch_size=16, epochs=36, lr_drop=28)
+
+
+def tiny_sparse_rcnn() -> Config:
+    """Sparse R-CNN at tiny_pretrained's size and recipe (the shipped pretrained quarter-
+    width ResNet-18, frozen statistics, C=64, 4 heads, FFN 256, 30 proposals) with the
+    paper's 6 stages and D = C / 4 = 16, as the paper's 64 of 256."""
+    return tiny_pretrained().replace(model="sparse_rcnn", enc_layers=0, dec_layers=6,
+                                     dim_dynamic=16, with_box_refine=False, two_stage=False)
+
+
 PRESETS = {
     "paper": Config,
     "single_scale": lambda: Config(num_feature_levels=1),
@@ -389,6 +429,8 @@ PRESETS = {
     # DN-DETR (Li et al. 2022) on two-stage Deformable DETR: 5 groups, noise 0.2 / 0.4.
     "dn_deformable_detr": lambda: Config(with_box_refine=True, two_stage=True, dn_groups=5),
     "tiny_dn_deformable_detr": lambda: tiny_pretrained().replace(dn_groups=5),
+    "sparse_rcnn": sparse_rcnn,
+    "tiny_sparse_rcnn": tiny_sparse_rcnn,
 }
 
 

@@ -269,3 +269,34 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=2,
     pts = _sample_points(rois, ph, pw, spatial_scale, sampling_ratio, aligned)
     run = _by_grid_sample if backend == "grid_sample" else _by_ms_deform_attn
     return run(features, rois, pts, ph, pw)
+
+
+# --------------------------------------------------------------------- from a pyramid
+
+def pyramid_levels(boxes: torch.Tensor, num_levels: int, min_level: int = 2,
+                   canonical_size: float = 224.0, canonical_level: int = 4) -> torch.Tensor:
+    """The FPN paper's Eq. 1, as detectron2's pooler: the box of side sqrt(wh) goes to
+    level floor(k0 + log2(sqrt(wh) / 224)), k0 = 4, clamped to the pyramid.
+    boxes (K, 4) xyxy in pixels -> (K,) indices into the levels (0 = P_min_level)."""
+    size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
+    level = torch.floor(canonical_level + torch.log2(size / canonical_size + 1e-8))
+    return (level.clamp(min_level, min_level + num_levels - 1) - min_level).long()
+
+
+def pyramid_roi_align(features, boxes, strides, output_size=7, sampling_ratio=2,
+                      min_level=2, backend="auto"):
+    """Multi-level RoIAlign (aligned=True): each box pooled from its `pyramid_levels`
+    level at 1 / stride. features: L maps (N, C, H_l, W_l) finest first (P2..P5);
+    boxes: list of N (K_i, 4) xyxy in pixels -> (sum K_i, C, ph, pw), boxes in order."""
+    if len(features) != len(strides):
+        raise ValueError(f"{len(features)} feature maps but {len(strides)} strides")
+    rois = rois_from_boxes(boxes, features[0].shape[0]).to(features[0].dtype)
+    ph, pw = _pair(output_size)
+    out = features[0].new_zeros(rois.shape[0], features[0].shape[1], ph, pw)
+    level = pyramid_levels(rois[:, 1:], len(features), min_level)
+    for lvl, (fmap, stride) in enumerate(zip(features, strides)):
+        index = (level == lvl).nonzero().flatten()
+        if index.numel():
+            out[index] = roi_align(fmap, rois[index], (ph, pw), 1.0 / stride, sampling_ratio,
+                                   aligned=True, backend=backend)
+    return out
