@@ -70,7 +70,8 @@ def build_model(cfg: Config):
         model = SparseRCNN(backbone[0], cfg.num_classes, cfg.num_queries, cfg.dec_layers,
                            d_model=cfg.hidden_dim, n_heads=cfg.nheads,
                            d_ffn=cfg.dim_feedforward, dropout=cfg.dropout,
-                           dim_dynamic=cfg.dim_dynamic, aux_loss=cfg.aux_loss)
+                           dim_dynamic=cfg.dim_dynamic, aux_loss=cfg.aux_loss,
+                           canonical_size=cfg.roi_canonical_size)
     else:
         transformer = DeformableTransformer(
             d_model=cfg.hidden_dim, n_heads=cfg.nheads, num_encoder_layers=cfg.enc_layers,

@@ -66,6 +66,7 @@ class Config:
     dn_box_noise: float = 0.4        # DN: box noise scale (centre +- s w/2, side x 1 +- s)
     dim_dynamic: int = 64            # Sparse R-CNN: D of the dynamic interaction's generated
                                      # (C x D) and (D x C) matrices (dec_layers: its stages)
+    roi_canonical_size: float = 224.0  # Sparse R-CNN: a box of this side is pooled from P4
     # --- matcher and loss
     set_cost_class: float = 2.0
     set_cost_bbox: float = 5.0
@@ -132,6 +133,7 @@ RANGES = {
     "dn_label_noise": (0.0, 1.0, True),
     "dn_box_noise": (0.0, None, True),
     "dim_dynamic": (1, None, True),
+    "roi_canonical_size": (0.0, None, False),
     "num_classes": (1, None, True),
     "set_cost_class": (0.0, None, True),
     "set_cost_bbox": (0.0, None, True),
@@ -398,9 +400,13 @@ def sparse_rcnn() -> Config:
 def tiny_sparse_rcnn() -> Config:
     """Sparse R-CNN at tiny_pretrained's size and recipe (the shipped pretrained quarter-
     width ResNet-18, frozen statistics, C=64, 4 heads, FFN 256, 30 proposals) with the
-    paper's 6 stages and D = C / 4 = 16, as the paper's 64 of 256."""
+    paper's 6 stages and D = C / 4 = 16, as the paper's 64 of 256. The pooler's canonical
+    box is 32 px, not 224: 224 is ImageNet's object scale on ~800-px images; on 96-128 px
+    images every box would fall on P2-P3 and P4-P5 would never be read. At 32, shapes'
+    8-60 px objects spread over all four levels (< 16 px: P2, 16-32: P3, 32-64: P4)."""
     return tiny_pretrained().replace(model="sparse_rcnn", enc_layers=0, dec_layers=6,
-                                     dim_dynamic=16, with_box_refine=False, two_stage=False)
+                                     dim_dynamic=16, roi_canonical_size=32.0,
+                                     with_box_refine=False, two_stage=False)
 
 
 PRESETS = {

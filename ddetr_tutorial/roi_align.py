@@ -284,7 +284,7 @@ def pyramid_levels(boxes: torch.Tensor, num_levels: int, min_level: int = 2,
 
 
 def pyramid_roi_align(features, boxes, strides, output_size=7, sampling_ratio=2,
-                      min_level=2, backend="auto"):
+                      min_level=2, canonical_size=224.0, backend="auto"):
     """Multi-level RoIAlign (aligned=True): each box pooled from its `pyramid_levels`
     level at 1 / stride. features: L maps (N, C, H_l, W_l) finest first (P2..P5);
     boxes: list of N (K_i, 4) xyxy in pixels -> (sum K_i, C, ph, pw), boxes in order."""
@@ -293,7 +293,7 @@ def pyramid_roi_align(features, boxes, strides, output_size=7, sampling_ratio=2,
     rois = rois_from_boxes(boxes, features[0].shape[0]).to(features[0].dtype)
     ph, pw = _pair(output_size)
     out = features[0].new_zeros(rois.shape[0], features[0].shape[1], ph, pw)
-    level = pyramid_levels(rois[:, 1:], len(features), min_level)
+    level = pyramid_levels(rois[:, 1:], len(features), min_level, canonical_size)
     for lvl, (fmap, stride) in enumerate(zip(features, strides)):
         index = (level == lvl).nonzero().flatten()
         if index.numel():

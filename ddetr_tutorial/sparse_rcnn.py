@@ -139,7 +139,8 @@ class DynamicHead(nn.Module):
     """The six stages in series; each pools the previous stage's (detached) boxes."""
 
     def __init__(self, head: RCNNHead, num_stages: int, strides: list[int],
-                 pooler_resolution: int = 7, roi_backend: str = "auto"):
+                 pooler_resolution: int = 7, roi_backend: str = "auto",
+                 canonical_size: float = 224.0):
         super().__init__()
         self.head_series = nn.ModuleList(copy.deepcopy(head) for _ in range(num_stages))
         for p in self.head_series.parameters():  # as the official head, after the copies
@@ -148,7 +149,7 @@ class DynamicHead(nn.Module):
         for stage in self.head_series:
             nn.init.constant_(stage.class_logits.bias, -math.log((1 - 0.01) / 0.01))
         self.strides, self.pooler_resolution = list(strides), pooler_resolution
-        self.roi_backend = roi_backend
+        self.roi_backend, self.canonical_size = roi_backend, canonical_size
 
     def forward(self, features, boxes, pro_features):
         """features: P2..P5; boxes (N, P, 4) xyxy pixels; pro_features (N, P, C).
@@ -158,6 +159,7 @@ class DynamicHead(nn.Module):
             # RoIAlign passes no gradient to its boxes (as torchvision's): detach them
             rois = pyramid_roi_align(features, list(boxes.detach()), self.strides,
                                      self.pooler_resolution, sampling_ratio=2,
+                                     canonical_size=self.canonical_size,
                                      backend=self.roi_backend)
             logits, new_boxes, pro_features = stage(rois, boxes, pro_features)
             all_logits.append(logits)
@@ -172,14 +174,17 @@ class SparseRCNN(nn.Module):
     backbone: a `Backbone` returning C2..C5 (with `strides` and `num_channels`);
     num_classes: sigmoid classes; num_proposals: N_p; num_stages: 6 in the paper;
     d_model: C (the FPN's and the heads' width); dim_dynamic: D of the generated
-    parameters (64 at C = 256). Returns a `DetectionOutput`: pred_boxes cxcywh relative
-    to each unpadded image (as every detector here), aux_outputs the earlier stages'.
+    parameters (64 at C = 256); canonical_size: the side of a box pooled from P4 (224,
+    detectron2's; `tiny_sparse_rcnn` scales it to its small images). Returns a
+    `DetectionOutput`: pred_boxes cxcywh relative to each unpadded image (as every
+    detector here), aux_outputs the earlier stages'.
     """
 
     def __init__(self, backbone, num_classes: int, num_proposals: int = 100,
                  num_stages: int = 6, d_model: int = 256, n_heads: int = 8,
                  d_ffn: int = 2048, dropout: float = 0.0, dim_dynamic: int = 64,
-                 aux_loss: bool = True, roi_backend: str = "auto"):
+                 aux_loss: bool = True, roi_backend: str = "auto",
+                 canonical_size: float = 224.0):
         super().__init__()
         if len(backbone.num_channels) != 4:
             raise ValueError(f"Sparse R-CNN pools from P2-P5: the backbone must return the 4 "
@@ -192,7 +197,8 @@ class SparseRCNN(nn.Module):
         nn.init.constant_(self.init_proposal_boxes.weight[:, :2], 0.5)  # the whole image
         nn.init.constant_(self.init_proposal_boxes.weight[:, 2:], 1.0)
         head = RCNNHead(d_model, num_classes, n_heads, d_ffn, dropout, dim_dynamic)
-        self.head = DynamicHead(head, num_stages, backbone.strides, roi_backend=roi_backend)
+        self.head = DynamicHead(head, num_stages, backbone.strides, roi_backend=roi_backend,
+                                canonical_size=canonical_size)
 
     def forward(self, images, mask, targets=None) -> DetectionOutput:
         """images (N, 3, H, W) normalized; mask (N, H, W) True on padding."""
