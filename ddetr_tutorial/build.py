@@ -15,6 +15,7 @@ from .data import make_transforms, scale_for
 from .data.transforms import PAPER_MAX_SIZE, PAPER_SCALES
 from .denoising import Denoising, DenoisingCriterion, dn_weight_dict
 from .detr import DETR
+from .dynamic_detr import DynamicDETR
 from .efficient_detr import EfficientDETR, EfficientTransformer
 from .losses import SetCriterion, weight_dict
 from .matcher import HungarianMatcher
@@ -66,6 +67,14 @@ def build_model(cfg: Config):
                      dropout=cfg.dropout, aux_loss=cfg.aux_loss, no_object=cfg.no_object)
     elif cfg.model == "efficient_detr":
         model = _build_efficient_detr(cfg, backbone)
+    elif cfg.model == "dynamic_detr":
+        model = DynamicDETR(backbone, cfg.num_classes, cfg.num_queries, cfg.num_feature_levels,
+                            d_model=cfg.hidden_dim, n_heads=cfg.nheads,
+                            num_encoder_layers=cfg.enc_layers, num_decoder_layers=cfg.dec_layers,
+                            d_ffn=cfg.dim_feedforward, dropout=cfg.dropout,
+                            n_points=cfg.enc_n_points, dim_dynamic=cfg.dim_dynamic,
+                            canonical_size=cfg.roi_canonical_size, aux_loss=cfg.aux_loss,
+                            backend=cfg.op_backend)
     elif cfg.model == "sparse_rcnn":  # C2-C5 into its FPN, no position encoding
         model = SparseRCNN(backbone[0], cfg.num_classes, cfg.num_queries, cfg.dec_layers,
                            d_model=cfg.hidden_dim, n_heads=cfg.nheads,

@@ -28,7 +28,7 @@ class Config:
     # --- model (paper Sec. 5 "Implementation details")
     model: str = "deformable"        # "deformable", "detr" (the dense DETR),
                                      # "conditional_detr", "efficient_detr", "anchor_detr"
-                                     # or "sparse_rcnn"
+                                     # "sparse_rcnn" or "dynamic_detr"
     backbone: str = "resnet50"       # resnet18 / resnet34 / resnet50 / resnet101
     backbone_width: int = 64         # base channels (64 = torchvision; 32 = a quarter the cost)
     dilation: bool = False           # DC5: dilate the last stage (C5 at stride 16)
@@ -109,7 +109,8 @@ class Config:
 
 CHOICES = {
     "model": ("deformable", "detr",
-              "conditional_detr", "efficient_detr", "anchor_detr", "sparse_rcnn"),
+              "conditional_detr", "efficient_detr", "anchor_detr", "sparse_rcnn",
+              "dynamic_detr"),
     "backbone": tuple(RESNETS),
     "backbone_norm": ("frozen", "batch"),
     "op_backend": tuple(BACKEND_CHOICES),
@@ -236,6 +237,7 @@ def _check_together(cfg: Config) -> None:
                          f"model={cfg.model!r} (Deformable DETR's head is sigmoid focal)")
     _check_anchor_detr(cfg)
     _check_sparse_rcnn(cfg)
+    _check_dynamic_detr(cfg)
     if cfg.dn_groups and (cfg.model != "deformable" or not cfg.two_stage):
         raise ValueError(f"config field dn_groups={cfg.dn_groups}: denoising needs "
                          f"model='deformable' with two_stage=True (its noised boxes are 4-d "
@@ -293,6 +295,19 @@ def _check_sparse_rcnn(cfg: Config) -> None:
         if getattr(cfg, name) != value:
             raise ValueError(f"config field {name}={getattr(cfg, name)!r}: expected {value!r} "
                              f"with model='sparse_rcnn' ({why})")
+
+
+def _check_dynamic_detr(cfg: Config) -> None:
+    """Dynamic DETR: a square encoder kernel, refined boxes, learned queries."""
+    if cfg.model != "dynamic_detr":
+        return
+    if math.isqrt(cfg.enc_n_points) ** 2 != cfg.enc_n_points:
+        raise ValueError(f"config field enc_n_points={cfg.enc_n_points}: expected a square "
+                         f"with model='dynamic_detr' (its encoder kernel, 9 for 3x3)")
+    if not cfg.with_box_refine or cfg.two_stage:
+        raise ValueError(f"config field with_box_refine={cfg.with_box_refine}, two_stage="
+                         f"{cfg.two_stage}: model='dynamic_detr' expects True and False (its "
+                         f"decoder refines its learned boxes layer by layer)")
 
 
 def tiny() -> Config:
@@ -409,6 +424,21 @@ def tiny_sparse_rcnn() -> Config:
                                      with_box_refine=False, two_stage=False)
 
 
+def dynamic_detr() -> Config:
+    """Dynamic DETR (Dai et al. 2021, no official code): Deformable DETR's ResNet-50, 4
+    levels, C=256, 6+6 layers, 300 queries and focal loss; a 3x3 (K=9) dynamic encoder;
+    RoI dynamic attention with D=64; the 1x schedule (12 epochs, one drop, at 10)."""
+    return Config(model="dynamic_detr", enc_n_points=9, with_box_refine=True, epochs=12,
+                  lr_drop=10)
+
+
+def tiny_dynamic_detr() -> Config:
+    """Dynamic DETR at tiny_pretrained's size and recipe, D = C / 4 = 16, RoIs assigned
+    with a 32-px canonical box (as tiny_sparse_rcnn)."""
+    return tiny_pretrained().replace(model="dynamic_detr", enc_n_points=9, two_stage=False,
+                                     dim_dynamic=16, roi_canonical_size=32.0)
+
+
 PRESETS = {
     "paper": Config,
     "single_scale": lambda: Config(num_feature_levels=1),
@@ -437,6 +467,8 @@ PRESETS = {
     "tiny_dn_deformable_detr": lambda: tiny_pretrained().replace(dn_groups=5),
     "sparse_rcnn": sparse_rcnn,
     "tiny_sparse_rcnn": tiny_sparse_rcnn,
+    "dynamic_detr": dynamic_detr,
+    "tiny_dynamic_detr": tiny_dynamic_detr,
 }
 
 
