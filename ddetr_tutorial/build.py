@@ -17,6 +17,7 @@ from .denoising import Denoising, DenoisingCriterion, dn_weight_dict
 from .detr import DETR
 from .dynamic_detr import DynamicDETR
 from .efficient_detr import EfficientDETR, EfficientTransformer
+from .hybrid import HybridCriterion, hybrid_weight_dict
 from .losses import SetCriterion, weight_dict
 from .matcher import HungarianMatcher
 from .model import DeformableDETR, PostProcess
@@ -94,7 +95,7 @@ def build_model(cfg: Config):
         model = DeformableDETR(backbone, transformer, cfg.num_classes, cfg.num_queries,
                                n_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
                                with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage,
-                               denoising=denoising)
+                               denoising=denoising, one2many=cfg.hybrid_queries)
     matcher = HungarianMatcher(cost_class=cfg.set_cost_class, cost_bbox=cfg.set_cost_bbox,
                                cost_giou=cfg.set_cost_giou, focal_alpha=cfg.focal_alpha,
                                no_object=cfg.no_object)
@@ -105,6 +106,9 @@ def build_model(cfg: Config):
     if cfg.dn_groups:  # plus the reconstruction loss of the dn queries, on every layer
         weights = dn_weight_dict(weights, cfg.dec_layers, cfg.aux_loss)
         kind, extra = DenoisingCriterion, {"groups": cfg.dn_groups}
+    if cfg.hybrid_queries:  # plus the one-to-many queries' set loss, k-fold ground truth
+        weights = hybrid_weight_dict(weights, cfg.hybrid_weight)
+        kind, extra = HybridCriterion, {"k": cfg.hybrid_k}
     criterion = kind(cfg.num_classes, matcher, weights, focal_alpha=cfg.focal_alpha,
                      no_object=cfg.no_object, eos_coef=cfg.eos_coef, **extra)
     return model, criterion, PostProcess(cfg.num_select, no_object=cfg.no_object)

@@ -62,6 +62,10 @@ class Config:
                                      # (0: off; needs model="deformable", two_stage)
     dn_label_noise: float = 0.2      # DN: probability of flipping a dn query's label
     dn_box_noise: float = 0.4        # DN: box noise scale (centre +- s w/2, side x 1 +- s)
+    hybrid_queries: int = 0          # H-DETR: Q_m one-to-many queries in training (0: off;
+                                     # needs model="deformable", two_stage)
+    hybrid_k: int = 6                # H-DETR: the ground truth repeated k times for them
+    hybrid_weight: float = 1.0       # H-DETR: lambda, the one-to-many loss's weight
     dim_dynamic: int = 64            # Sparse R-CNN: D of the dynamic interaction's generated
                                      # (C x D) and (D x C) matrices (dec_layers: its stages)
     roi_canonical_size: float = 224.0  # Sparse R-CNN: a box of this side is pooled from P4
@@ -258,6 +262,10 @@ PRESETS = {
     # DN-DETR (Li et al. 2022) on two-stage Deformable DETR: 5 groups, noise 0.2 / 0.4.
     "dn_deformable_detr": lambda: Config(with_box_refine=True, two_stage=True, dn_groups=5),
     "tiny_dn_deformable_detr": lambda: tiny_pretrained().replace(dn_groups=5),
+    # H-Deformable-DETR (Jia et al. 2023): 1500 one-to-many queries, k = 6, lambda = 1.
+    "h_deformable_detr": lambda: Config(with_box_refine=True, two_stage=True,
+                                        hybrid_queries=1500),
+    "tiny_h_deformable_detr": lambda: tiny_pretrained().replace(hybrid_queries=150),
     "sparse_rcnn": sparse_rcnn,
     "tiny_sparse_rcnn": tiny_sparse_rcnn,
     "dynamic_detr": dynamic_detr,

@@ -47,6 +47,9 @@ RANGES = {
     "dn_label_noise": (0.0, 1.0, True),
     "dn_box_noise": (0.0, None, True),
     "dim_dynamic": (1, None, True),
+    "hybrid_queries": (0, None, True),
+    "hybrid_k": (1, None, True),
+    "hybrid_weight": (0.0, None, True),
     "roi_canonical_size": (0.0, None, False),
     "num_classes": (1, None, True),
     "set_cost_class": (0.0, None, True),
@@ -155,6 +158,11 @@ def _check_together(cfg: Config) -> None:
         raise ValueError(f"config field dn_groups={cfg.dn_groups}: denoising needs "
                          f"model='deformable' with two_stage=True (its noised boxes are 4-d "
                          f"reference boxes), got model={cfg.model!r}, two_stage={cfg.two_stage}")
+    if cfg.hybrid_queries and (cfg.model != "deformable" or not cfg.two_stage or cfg.dn_groups):
+        raise ValueError(f"config field hybrid_queries={cfg.hybrid_queries}: hybrid matching "
+                         f"needs model='deformable' with two_stage=True and dn_groups=0 (its "
+                         f"queries are the next-best proposals), got model={cfg.model!r}, "
+                         f"two_stage={cfg.two_stage}, dn_groups={cfg.dn_groups}")
     if not (cfg.set_cost_class or cfg.set_cost_bbox or cfg.set_cost_giou):
         raise ValueError("config fields set_cost_class, set_cost_bbox, set_cost_giou are all 0: "
                          "expected at least one > 0 (else every matching costs the same)")

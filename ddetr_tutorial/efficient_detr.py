@@ -56,7 +56,7 @@ class EfficientTransformer(DeformableTransformer):
         nn.init.xavier_uniform_(self.pos_trans.weight)
         nn.init.zeros_(self.pos_trans.bias)
 
-    def two_stage_queries(self, memory, mask, spatial_shapes):
+    def two_stage_queries(self, memory, mask, spatial_shapes, extra: int = 0):
         """Score all S encoder tokens; the top K are the decoder's queries.
 
         memory: (N, S, C); mask: (N, S) True on padding. Returns query_pos (N, K, C),
@@ -64,6 +64,8 @@ class EfficientTransformer(DeformableTransformer):
         and the dense predictions: class logits (N, S, classes), boxes before the
         sigmoid (N, S, 4), the ones the dense loss sees.
         """
+        if extra:
+            raise ValueError("Efficient DETR has no one-to-many queries (hybrid matching)")
         dense_class, dense_boxes = self.dense_predictions(memory, mask, spatial_shapes)
         topk = self.select(dense_class, dense_boxes)  # (N, K)
         tgt = torch.gather(memory, 1, topk[..., None].expand(-1, -1, memory.shape[-1]))

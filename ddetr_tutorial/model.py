@@ -59,12 +59,14 @@ class DeformableDETR(nn.Module):
     "no-object" logit); num_queries: object queries (Q); n_levels: feature levels
     (L); aux_loss: return every decoder layer's predictions; with_box_refine,
     two_stage: Sec. 4.2; denoising: a `denoising.Denoising` (DN-DETR's training
-    queries; forward then takes the targets in training).
+    queries; forward then takes the targets in training); one2many: Q_m extra
+    two-stage queries in training (hybrid matching, `hybrid.py`).
     """
 
     def __init__(self, backbone, transformer: DeformableTransformer, num_classes: int,
                  num_queries: int, n_levels: int, aux_loss: bool = True,
-                 with_box_refine: bool = False, two_stage: bool = False, denoising=None):
+                 with_box_refine: bool = False, two_stage: bool = False, denoising=None,
+                 one2many: int = 0):
         super().__init__()
         if two_stage and not with_box_refine:
             raise ValueError("two_stage=True needs with_box_refine=True: the proposals are "
@@ -73,6 +75,10 @@ class DeformableDETR(nn.Module):
             raise ValueError(f"two_stage={two_stage} but the transformer was built with "
                              f"two_stage={transformer.two_stage}")
         self.num_queries, self.n_levels = num_queries, n_levels
+        if one2many and (not two_stage or denoising is not None):
+            raise ValueError("one2many queries need two_stage=True (they are the next-best "
+                             "proposals) and no denoising")
+        self.one2many = one2many
         self.aux_loss, self.with_box_refine, self.two_stage = aux_loss, with_box_refine, two_stage
         self.transformer = transformer
         self.backbone = backbone
@@ -137,10 +143,16 @@ class DeformableDETR(nn.Module):
         dn = None
         if self.uses_targets and self.training and targets is not None:
             dn = self.denoising.queries(targets, self.num_queries)  # None without targets
+        one2many = self.one2many if self.training else 0
         hs, init_reference, references, enc_class, enc_coord_unact = \
-            self.transformer(srcs, masks, pos, query_embed, dn=dn)
+            self.transformer(srcs, masks, pos, query_embed, dn=dn, one2many=one2many)
         logits, boxes = self.predict(hs, init_reference, references)
-        enc_outputs = dn_outputs = None
+        enc_outputs = dn_outputs = one2many_outputs = None
+        if one2many:  # (layers, N, Q + Q_m, ...): the one-to-one part, then the one-to-many
+            Q = self.num_queries
+            one2many_outputs = _detection_output(logits[:, :, Q:], boxes[:, :, Q:],
+                                                 self.aux_loss)
+            logits, boxes = logits[:, :, :Q], boxes[:, :, :Q]
         if self.two_stage:
             enc_outputs = DetectionOutput(enc_class, enc_coord_unact.sigmoid())
         if dn is not None:  # (layers, N, Q + G*P, ...): the matching part, then the dn part
@@ -150,7 +162,7 @@ class DeformableDETR(nn.Module):
         elif self.uses_targets and self.training:  # no target: keep the embedding in the
             logits = logits + 0 * self.denoising.label_embed.weight.sum()  # graph (for DDP)
         output = _detection_output(logits, boxes, self.aux_loss, enc_outputs)
-        output.dn_outputs = dn_outputs
+        output.dn_outputs, output.one2many_outputs = dn_outputs, one2many_outputs
         return output
 
     def project(self, features, masks, pos, image_mask):

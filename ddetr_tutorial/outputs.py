@@ -24,7 +24,8 @@ class DetectionOutput(Mapping):
     pred_logits: (N, Q, classes) sigmoid logits; pred_boxes: (N, Q, 4) cxcywh in
     [0, 1] of each unpadded image; aux_outputs: one `DetectionOutput` per earlier
     decoder layer (with aux_loss); enc_outputs: the encoder's proposals (two-stage);
-    dn_outputs: the denoising queries' predictions (DN, in training only).
+    dn_outputs: the denoising queries' predictions (DN, in training only);
+    one2many_outputs: the one-to-many queries' (hybrid matching, in training only).
     """
 
     pred_logits: Tensor
@@ -32,6 +33,7 @@ class DetectionOutput(Mapping):
     aux_outputs: list[DetectionOutput] | None = None
     enc_outputs: DetectionOutput | None = None
     dn_outputs: DetectionOutput | None = None
+    one2many_outputs: DetectionOutput | None = None
 
     def __getitem__(self, key: str):
         value = getattr(self, key, None) if key in _KEYS else None

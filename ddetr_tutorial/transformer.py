@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import MSDeformAttn
+from .hybrid import hybrid_attn_mask
 from .ops import level_tensors
 
 
@@ -313,13 +314,16 @@ class DeformableTransformer(nn.Module):
         spatial_shapes, level_start_index = level_tensors(shapes, src.device)
         return src, mask, pos, spatial_shapes, level_start_index
 
-    def forward(self, srcs, masks, pos_embeds, query_embed=None, dn=None) -> TransformerOutput:
+    def forward(self, srcs, masks, pos_embeds, query_embed=None, dn=None,
+                one2many: int = 0) -> TransformerOutput:
         """srcs, pos_embeds: lists of (N, C, H_l, W_l); masks: lists of (N, H_l, W_l);
         query_embed: (Q, 2C) learned queries (position half, content half), unused
         with two-stage. Returns a `TransformerOutput`: hs (layers, N, Q, C),
         init_reference (N, Q, 2|4), references (layers, N, Q, 2|4), and the
         encoder's class logits and unactivated boxes (N, S, ...) for two-stage.
-        dn: `denoising.DenoisingQueries`, appended after the Q queries (two-stage)."""
+        dn: `denoising.DenoisingQueries`, appended after the Q queries (two-stage);
+        one2many: extra two-stage queries, the next-best proposals, blind to the Q
+        first ones and they to them (hybrid matching)."""
         if not self.two_stage and query_embed is None:
             raise ValueError("query_embed is required unless two_stage=True")
         shapes = self.check_levels(srcs, masks, pos_embeds)
@@ -332,7 +336,7 @@ class DeformableTransformer(nn.Module):
         enc_class = enc_coord_unact = None
         if self.two_stage:
             query_pos, tgt, reference_points, enc_class, enc_coord_unact = \
-                self.two_stage_queries(memory, mask, shapes)
+                self.two_stage_queries(memory, mask, shapes, extra=one2many)
         else:
             query_pos, tgt = query_embed.split(self.d_model, dim=1)
             N = memory.shape[0]
@@ -340,6 +344,8 @@ class DeformableTransformer(nn.Module):
             tgt = tgt.unsqueeze(0).expand(N, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()  # (N, Q, 2)
         attn_mask = None
+        if one2many:
+            attn_mask = hybrid_attn_mask(self.two_stage_num_proposals, one2many, memory.device)
         if dn is not None:
             query_pos, tgt, reference_points = self.append_denoising(query_pos, tgt,
                                                                      reference_points, dn)
@@ -362,17 +368,20 @@ class DeformableTransformer(nn.Module):
 
     # ------------------------------------------------------------------ two-stage
 
-    def two_stage_queries(self, memory, mask, spatial_shapes):
+    def two_stage_queries(self, memory, mask, spatial_shapes, extra: int = 0):
         """Score every encoder token as a box proposal; the top-k become the decoder's
         reference boxes and, through their sine embedding, its queries.
-        spatial_shapes: (H_l, W_l) as host ints (or an (L, 2) tensor, read back)."""
+        spatial_shapes: (H_l, W_l) as host ints (or an (L, 2) tensor, read back);
+        extra: proposals kept beyond two_stage_num_proposals (hybrid matching)."""
         output_memory, proposals = self.encoder_proposals(memory, mask, spatial_shapes)
         heads = self.decoder.num_layers  # the extra last heads score proposals
         enc_class = self.decoder.class_embed[heads](output_memory)  # (N, S, classes)
         enc_coord_unact = self.decoder.bbox_embed[heads](output_memory) + proposals  # (N, S, 4)
-        k = self.two_stage_num_proposals
+        k = self.two_stage_num_proposals + extra
         if k > memory.shape[1]:
-            raise ValueError(f"two_stage_num_proposals={k} is more than the {memory.shape[1]} "
+            kept = (f"two_stage_num_proposals={k}" if not extra else
+                    f"{self.two_stage_num_proposals} + {extra} one-to-many = {k} proposals")
+            raise ValueError(f"{kept} is more than the {memory.shape[1]} "
                              "encoder tokens of this input; use fewer queries or larger images")
         topk = torch.topk(enc_class[..., 0], k, dim=1).indices  # class-agnostic score
         coords_unact = torch.gather(enc_coord_unact, 1, topk[..., None].expand(-1, -1, 4))
