@@ -141,6 +141,16 @@ def tiny_pretrained() -> Config:
                           train_backbone_stem=False, lr_backbone=1e-4)  # tiny's lr is 1e-3
 
 
+def tiny_shapes() -> Config:
+    """The shipped model's recipe (its card: `shipped/tiny_shapes.md`): tiny_pretrained
+    with the whole backbone trained, BatchNorm statistics included, at the transformer's
+    lr 1e-3, on 128-px images; 20 epochs (drop after 16) on shapes10k, 90 minutes on the
+    2-core CPU. `tiny_30min` is the same for 8 epochs (drop after 6): the 30-minute one."""
+    return tiny_pretrained().replace(image_size=128, epochs=20, lr_drop=16,
+                                     backbone_norm="batch", train_backbone_stem=True,
+                                     lr_backbone=1e-3)
+
+
 def conditional_detr() -> Config:
     """Conditional DETR (Atten4Vis/ConditionalDETR main.py defaults): DETR's dense 6+6
     layers (FFN 2048) on one C5 map, DETR's position code, 300 queries, the sigmoid focal
@@ -251,6 +261,8 @@ PRESETS = {
                                     dilation=True),
     "tiny": tiny,
     "tiny_pretrained": tiny_pretrained,
+    "tiny_shapes": tiny_shapes,
+    "tiny_30min": lambda: tiny_shapes().replace(epochs=8, lr_drop=6),
     "conditional_detr": conditional_detr,
     "conditional_detr_dc5": lambda: conditional_detr().replace(dilation=True),
     "tiny_conditional_detr": tiny_conditional_detr,

@@ -32,6 +32,8 @@ def test_the_shipped_checkpoint_config_still_loads():
     assert cfg == get_config("tiny_pretrained", image_size=128, epochs=20, lr_drop=16,
                              backbone_norm="batch", train_backbone_stem=True,
                              lr_backbone=0.001)
+    assert cfg == get_config("tiny_shapes")  # the preset that names it
+    assert get_config("tiny_30min") == cfg.replace(epochs=8, lr_drop=6)
 
 
 def test_every_checked_field_exists():
