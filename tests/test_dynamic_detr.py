@@ -170,7 +170,10 @@ def test_first_rois_are_the_learned_boxes_and_boxes_detach(monkeypatch):
 
 
 def test_tiny_dynamic_detr_memorises_two_images():
-    assert_memorises_two_images(get_config("tiny_dynamic_detr", num_classes=3))
+    # as Sparse R-CNN's, its focal term falls first: at a tenth a box can still be at
+    # IoU 0.62, so it trains on for at least 300 steps
+    assert_memorises_two_images(get_config("tiny_dynamic_detr", num_classes=3), steps=500,
+                                min_steps=300, lr=1e-3)
 
 
 @pytest.mark.parametrize("change, message", [
