@@ -5,7 +5,7 @@ notebooks then shrink their sizes and steps so nbmake runs them all in minutes.
 The shipped model is package data (`ddetr_tutorial/shipped/`), found without the
 repository; `REPO` is only for notebooks that read the checkout's own files
 (benchmarks/results) and means nothing in an installed copy. `to_rgb` and `bilinear`
-are written once here: notebook 03 builds bilinear sampling by hand and checks it
+are written once here: notebook 02 builds bilinear sampling by hand and checks it
 against this one, later notebooks import it.
 """
 
@@ -49,7 +49,7 @@ def to_rgb(image):
 
 
 def bilinear(feature, loc):
-    """Bilinear sampling of a map at normalized points, zeros outside (notebook 03).
+    """Bilinear sampling of a map at normalized points, zeros outside (notebook 02).
 
     feature: (H, W, D); loc: (P, 2) normalized (x, y), (0, 0) the map's top-left corner
     and pixel centres at (j + 0.5) / W -> (P, D). This is `F.grid_sample` with
