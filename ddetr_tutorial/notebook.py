@@ -6,7 +6,9 @@ The shipped model is package data (`ddetr_tutorial/shipped/`), found without the
 repository; `REPO` is only for notebooks that read the checkout's own files
 (benchmarks/results) and means nothing in an installed copy. `to_rgb` and `bilinear`
 are written once here: notebook 02 builds bilinear sampling by hand and checks it
-against this one, later notebooks import it.
+against this one, later notebooks import it. `your_explorer` opens notebook 09's
+explorer on weights and photos of your own (an official checkpoint, a HuggingFace
+folder) when $DDETR_CHECKPOINT names them.
 """
 
 from __future__ import annotations
@@ -59,3 +61,36 @@ def bilinear(feature, loc):
     sampled = F.grid_sample(feature.permute(2, 0, 1)[None], grid, mode="bilinear",
                             padding_mode="zeros", align_corners=False)  # (1, D, 1, P)
     return sampled[0, :, 0].T
+
+
+MAX_PHOTOS = 8  # the explorer computes each image's sampling data once, on first view
+
+
+def your_explorer(checkpoint=None, images=None, device="cpu", **kwargs):
+    """Notebook 09's explorer on your weights and photos, or None without weights.
+
+    checkpoint: any file `model_files.load_model` reads (ours, the official
+    `r50_deformable_detr-checkpoint.pth`, a HuggingFace folder); default
+    $DDETR_CHECKPOINT. images: image files or folders (a string may list several,
+    separated by os.pathsep); default $DDETR_IMAGES; the first MAX_PHOTOS are used.
+    The model runs with its own evaluation transform and class names (COCO's for
+    91-class heads). Returns None when no checkpoint is given, so the notebook falls
+    back to the shipped model; a checkpoint without images is an error naming both.
+    """
+    from .predict import image_files
+    from .visualize import SamplingExplorer
+
+    checkpoint = checkpoint or os.environ.get("DDETR_CHECKPOINT") or None
+    if checkpoint is None:
+        return None
+    images = images if images is not None else os.environ.get("DDETR_IMAGES")
+    if not images:
+        raise ValueError(f"checkpoint {checkpoint} given but no images: set DDETR_IMAGES to a "
+                         "folder of photos (or pass images=)")
+    if isinstance(images, (str, os.PathLike)):
+        images = [p for p in os.fspath(images).split(os.pathsep) if p]
+    files = image_files(images)
+    if not files:
+        raise ValueError(f"no image files (.jpg, .png, ...) in {', '.join(map(str, images))}")
+    return SamplingExplorer.from_checkpoint(checkpoint, [str(f) for f in files[:MAX_PHOTOS]],
+                                            device=device, **kwargs)

@@ -352,6 +352,41 @@ def test_the_notebook_explorer_opens_any_checkpoint(small_official_file, coco_sh
     assert explorer.png()[:4] == b"\x89PNG"
 
 
+def test_notebook_09_opens_your_checkpoint_and_photos_from_the_environment(
+        small_official_file, coco_shapes, tmp_path, monkeypatch):
+    pytest.importorskip("ipywidgets")
+    from ddetr_tutorial.notebook import MAX_PHOTOS, your_explorer
+
+    monkeypatch.delenv("DDETR_CHECKPOINT", raising=False)
+    monkeypatch.delenv("DDETR_IMAGES", raising=False)
+    assert your_explorer() is None  # no weights: the notebook falls back to the shipped model
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "notes.txt").write_text("not an image")
+    monkeypatch.setenv("DDETR_CHECKPOINT", str(small_official_file[0]))
+    with pytest.raises(ValueError, match="no images: set DDETR_IMAGES"):
+        your_explorer()
+    monkeypatch.setenv("DDETR_IMAGES", str(photos))
+    with pytest.raises(ValueError, match=r"no image files .* in .*photos"):
+        your_explorer()
+    monkeypatch.setenv("DDETR_IMAGES", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        your_explorer()
+
+    shots = sorted((coco_shapes / "val").iterdir())
+    for i in range(MAX_PHOTOS + 1):  # one more than the explorer takes
+        shot = shots[i % len(shots)]
+        (photos / f"photo_{i}{shot.suffix}").write_bytes(shot.read_bytes())
+    monkeypatch.setenv("DDETR_IMAGES", str(photos))
+    explorer = your_explorer()
+    assert "official Deformable DETR checkpoint" in explorer.detected
+    assert len(explorer.images) == MAX_PHOTOS
+    assert explorer.class_names[PERSON] == "person"  # COCO's names for the 91-row head
+    assert explorer.data["image_size"][0] == 800  # the official evaluation transform
+    assert explorer.png()[:4] == b"\x89PNG"
+
+
 def test_hf_id2label_without_the_unused_ids_still_names_the_coco_rows(tmp_path):
     torch.save(official_to_hf(on_meta("base")), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps({
