@@ -168,25 +168,29 @@ def _check_together(cfg: Config) -> None:
                          "expected at least one > 0 (else every matching costs the same)")
 
 
-def _check_conditional_detr(cfg: Config) -> None:
-    """Conditional DETR decodes one map with a sigmoid focal head and no refinement."""
-    wanted = {"num_feature_levels": (1, "one map, C5 or DC5, as DETR's"),
-              "with_box_refine": (False, "its boxes are relative to the fixed reference s"),
-              "two_stage": (False, "its queries are learned embeddings"),
-              "no_object": (False, "its head is sigmoid focal, no 'no object' class")}
+def _expect_fields(cfg: Config, wanted: dict) -> None:
+    """Each `field: (value, why)` of `wanted` must hold for `cfg.model`; the message names
+    the field, its value, the expected one and why."""
     for name, (value, why) in wanted.items():
         if getattr(cfg, name) != value:
             raise ValueError(f"config field {name}={getattr(cfg, name)!r}: expected {value!r} "
-                             f"with model='conditional_detr' ({why})")
+                             f"with model={cfg.model!r} ({why})")
+
+
+def _check_conditional_detr(cfg: Config) -> None:
+    """Conditional DETR decodes one map with a sigmoid focal head and no refinement."""
+    _expect_fields(cfg, {
+        "num_feature_levels": (1, "one map, C5 or DC5, as DETR's"),
+        "with_box_refine": (False, "its boxes are relative to the fixed reference s"),
+        "two_stage": (False, "its queries are learned embeddings"),
+        "no_object": (False, "its head is sigmoid focal, no 'no object' class")})
 
 
 def _check_efficient_detr(cfg: Config) -> None:
     """Efficient DETR's dense part is the two-stage proposal head, refined by the decoder."""
-    for name in ("two_stage", "with_box_refine"):
-        if not getattr(cfg, name):
-            raise ValueError(f"config field {name}=False: expected True with "
-                             f"model='efficient_detr' (its queries and reference boxes are the "
-                             f"dense part's top-K tokens, refined by the decoder)")
+    why = ("its queries and reference boxes are the dense part's top-K tokens, refined by the "
+           "decoder")
+    _expect_fields(cfg, {"two_stage": (True, why), "with_box_refine": (True, why)})
 
 
 def _check_anchor_detr(cfg: Config) -> None:
@@ -207,15 +211,12 @@ def _check_sparse_rcnn(cfg: Config) -> None:
     """Sparse R-CNN as built here: P2-P5, no encoder, learned proposals, the focal head."""
     if cfg.model != "sparse_rcnn":
         return
-    wanted = {"num_feature_levels": (4, "its FPN's P2-P5, the levels its boxes are pooled from"),
-              "enc_layers": (0, "it has no encoder; dec_layers is its number of stages"),
-              "with_box_refine": (False, "every stage refines its boxes already"),
-              "two_stage": (False, "its proposals are learned boxes"),
-              "dilation": (False, "its FPN takes C2-C5 at strides 4-32")}
-    for name, (value, why) in wanted.items():
-        if getattr(cfg, name) != value:
-            raise ValueError(f"config field {name}={getattr(cfg, name)!r}: expected {value!r} "
-                             f"with model='sparse_rcnn' ({why})")
+    _expect_fields(cfg, {
+        "num_feature_levels": (4, "its FPN's P2-P5, the levels its boxes are pooled from"),
+        "enc_layers": (0, "it has no encoder; dec_layers is its number of stages"),
+        "with_box_refine": (False, "every stage refines its boxes already"),
+        "two_stage": (False, "its proposals are learned boxes"),
+        "dilation": (False, "its FPN takes C2-C5 at strides 4-32")})
 
 
 def _check_dynamic_detr(cfg: Config) -> None:
