@@ -12,10 +12,11 @@ import torch
 from ddetr_tutorial import cli
 from ddetr_tutorial.conditional_detr import ConditionalDecoder, sine_embedding
 from ddetr_tutorial.config import build_model, get_config
-from ddetr_tutorial.data import collate_fn, make_shapes
+from ddetr_tutorial.data import make_shapes
 from ddetr_tutorial.losses import total_loss
 from ddetr_tutorial.model_files import init_from, load_model, read_model_file
 from ddetr_tutorial.transformer import inverse_sigmoid
+from family_batch import assert_every_parameter_gets_a_gradient, padded_mixed_size_batch
 from official import CONDITIONAL_DETR_PRESET_KEYS, official_keys, synthetic_official
 from test_overfit import assert_memorises_two_images
 
@@ -179,18 +180,11 @@ def test_boxes_are_relative_to_the_reference_point():
 def test_trains_on_a_padded_mixed_size_batch():
     torch.manual_seed(0)
     model, criterion, post = build_model(get_config("tiny_conditional_detr"))
-    images, mask, _ = collate_fn([(torch.randn(3, 96, 64), None), (torch.randn(3, 64, 96), None)])
-    targets = [{"labels": torch.tensor([0, 2]),
-                "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
-               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    images, mask, targets = padded_mixed_size_batch()
     outputs = model(images, mask)
     assert outputs["pred_logits"].shape == (2, 30, 4) and len(outputs["aux_outputs"]) == 1
     loss = total_loss(criterion(outputs, targets), criterion.weight_dict)
-    assert torch.isfinite(loss)
-    loss.backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert [n for n, p in trainable if p.grad is None] == []
-    assert all(torch.isfinite(p.grad).all() for _, p in trainable)
+    assert_every_parameter_gets_a_gradient(model, loss)
     # the conditional parts learn: the spatial query's scale, the reference head, the sine proj
     for name in ("transformer.decoder.query_scale.layers.0.weight",
                  "transformer.decoder.ref_point_head.layers.1.weight",

@@ -18,6 +18,7 @@ from ddetr_tutorial.denoising import (
 )
 from ddetr_tutorial.engine import train_step
 from ddetr_tutorial.losses import total_loss
+from family_batch import assert_every_parameter_gets_a_gradient
 from test_overfit import two_synthetic_images
 
 TARGETS = [{"labels": torch.tensor([0, 2]),
@@ -206,11 +207,7 @@ def test_trains_on_a_padded_mixed_size_batch():
     assert all(torch.isfinite(losses[k]) and losses[k] > 0
                for k in ("loss_ce_dn", "loss_bbox_dn", "loss_giou_dn_0"))
     loss = total_loss(losses, criterion.weight_dict)
-    assert torch.isfinite(loss)
-    loss.backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert [n for n, p in trainable if p.grad is None] == []
-    assert all(torch.isfinite(p.grad).all() for _, p in trainable)
+    assert_every_parameter_gets_a_gradient(model, loss)
     assert model.denoising.label_embed.weight.grad.abs().sum() > 0
     assert post(outputs, torch.tensor([[96, 64], [64, 96]]))[0]["boxes"].shape == (100, 4)
     # A batch without any object has nothing to reconstruct: no dn queries.

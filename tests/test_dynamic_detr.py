@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from ddetr_tutorial.config import build_model, get_config
-from ddetr_tutorial.data import collate_fn
 from ddetr_tutorial.dynamic_detr import (
     DynamicDETR,
     DynamicEncoderLayer,
@@ -18,6 +17,7 @@ from ddetr_tutorial.dynamic_detr import (
     masked_mean,
 )
 from ddetr_tutorial.losses import total_loss
+from family_batch import assert_every_parameter_gets_a_gradient, padded_mixed_size_batch
 from test_overfit import assert_memorises_two_images
 
 
@@ -117,27 +117,15 @@ def test_zero_offsets_sample_the_plain_grid_on_every_scale():
     assert torch.equal(modulation, torch.full_like(modulation, 0.5))
 
 
-def _batch():
-    images, mask, _ = collate_fn([(torch.randn(3, 96, 64), None), (torch.randn(3, 64, 96), None)])
-    targets = [{"labels": torch.tensor([0, 2]),
-                "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
-               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
-    return images, mask, targets
-
-
 def test_padded_mixed_size_batch_trains_every_parameter():
     torch.manual_seed(0)
     model, criterion, post = build_model(tiny())
     assert isinstance(model, DynamicDETR)
-    images, mask, targets = _batch()
+    images, mask, targets = padded_mixed_size_batch()
     outputs = model(images, mask)
     assert len(outputs.aux_outputs) == 1  # tiny: 2 decoder layers
     loss = total_loss(criterion(outputs, targets), criterion.weight_dict)
-    assert torch.isfinite(loss)
-    loss.backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert [n for n, p in trainable if p.grad is None] == []
-    assert all(torch.isfinite(p.grad).all() for _, p in trainable)
+    assert_every_parameter_gets_a_gradient(model, loss)
     assert post(outputs, torch.tensor([[96, 64], [64, 96]]))[0]["boxes"].shape == (100, 4)
 
 
@@ -154,7 +142,7 @@ def test_first_rois_are_the_learned_boxes_and_boxes_detach(monkeypatch):
         return real(features, boxes, *args, **kwargs)
 
     monkeypatch.setattr(dd, "pyramid_roi_align", spy)
-    images, mask, targets = _batch()
+    images, mask, targets = padded_mixed_size_batch()
     outputs = model(images, mask)
     learned = model.query_boxes.weight.sigmoid().detach()  # cxcywh of each image
     x0, y0 = learned[:, 0] - learned[:, 2] / 2, learned[:, 1] - learned[:, 3] / 2

@@ -14,6 +14,7 @@ from ddetr_tutorial.efficient_detr import EfficientDETR
 from ddetr_tutorial.losses import total_loss
 from ddetr_tutorial.model_files import load_model
 from ddetr_tutorial.transformer import DeformableTransformer
+from family_batch import assert_every_parameter_gets_a_gradient, padded_mixed_size_batch
 from test_overfit import assert_memorises_two_images
 
 K = 30  # tiny_efficient_detr's queries
@@ -133,21 +134,14 @@ def test_trains_on_a_padded_mixed_size_batch():
     torch.manual_seed(0)
     model, criterion, post = build_model(get_config("tiny_efficient_detr"))
     assert isinstance(model, EfficientDETR)
-    images, mask, _ = collate_fn([(torch.randn(3, 96, 64), None), (torch.randn(3, 64, 96), None)])
-    targets = [{"labels": torch.tensor([0, 2]),
-                "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
-               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    images, mask, targets = padded_mixed_size_batch()
     outputs = model(images, mask)
     losses = criterion(outputs, targets)
     dense = ("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc")  # the dense part's set loss
     assert all(torch.isfinite(losses[k]) and losses[k] > 0 for k in dense)
     assert set(dense) <= set(criterion.weight_dict)
     loss = total_loss(losses, criterion.weight_dict)
-    assert torch.isfinite(loss)
-    loss.backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert [n for n, p in trainable if p.grad is None] == []
-    assert all(torch.isfinite(p.grad).all() for _, p in trainable)
+    assert_every_parameter_gets_a_gradient(model, loss)
     for name in ("transformer.pos_trans.weight", "transformer.decoder.class_embed.1.weight",
                  "transformer.encoder.layers.2.linear2.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name

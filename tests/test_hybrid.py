@@ -7,18 +7,10 @@ import pytest
 import torch
 
 from ddetr_tutorial.config import build_model, get_config
-from ddetr_tutorial.data import collate_fn
 from ddetr_tutorial.hybrid import hybrid_attn_mask, repeat_targets
 from ddetr_tutorial.losses import total_loss
+from family_batch import assert_every_parameter_gets_a_gradient, padded_mixed_size_batch
 from test_overfit import assert_memorises_two_images
-
-
-def _batch():
-    images, mask, _ = collate_fn([(torch.randn(3, 96, 64), None), (torch.randn(3, 64, 96), None)])
-    targets = [{"labels": torch.tensor([0, 2]),
-                "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
-               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
-    return images, mask, targets
 
 
 def test_mask_and_repeated_targets_by_hand():
@@ -48,7 +40,7 @@ def test_the_one_to_one_part_is_exactly_the_plain_model():
     hybrid, _, plain, _ = _models()
     hybrid.train()
     plain.train()  # dropout is 0 in tiny, the backbone's statistics frozen
-    images, mask, _ = _batch()
+    images, mask, _ = padded_mixed_size_batch()
     out, ref = hybrid(images, mask), plain(images, mask)
     assert out.one2many_outputs.pred_logits.shape == (2, 150, 4)
     assert len(out.one2many_outputs.aux_outputs) == 1
@@ -64,7 +56,7 @@ def test_inference_is_the_plain_model():
     hybrid, _, plain, _ = _models()
     hybrid.eval()
     plain.eval()
-    images, mask, _ = _batch()
+    images, mask, _ = padded_mixed_size_batch()
     out, ref = hybrid(images, mask), plain(images, mask)
     assert out.one2many_outputs is None and out.pred_logits.shape == (2, 30, 4)
     torch.testing.assert_close(out.pred_boxes, ref.pred_boxes)
@@ -72,7 +64,7 @@ def test_inference_is_the_plain_model():
 
 def test_one_to_many_loss_is_the_set_loss_on_repeated_targets():
     hybrid, criterion, _, plain_criterion = _models()
-    images, mask, targets = _batch()
+    images, mask, targets = padded_mixed_size_batch()
     out = hybrid.train()(images, mask)
     losses = criterion(out, targets)
     by_hand = plain_criterion(out.one2many_outputs, repeat_targets(targets, 6))
@@ -84,10 +76,7 @@ def test_one_to_many_loss_is_the_set_loss_on_repeated_targets():
     (queries, gts), _ = criterion.matcher(out.one2many_outputs, repeat_targets(targets, 6))
     assert len(set(queries.tolist())) == 12 and sorted(gts.tolist()) == list(range(12))
     loss = total_loss(losses, criterion.weight_dict)
-    loss.backward()
-    assert torch.isfinite(loss)
-    trainable = [(n, p) for n, p in hybrid.named_parameters() if p.requires_grad]
-    assert [n for n, p in trainable if p.grad is None] == []
+    assert_every_parameter_gets_a_gradient(hybrid, loss)
 
 
 def test_tiny_h_deformable_detr_memorises_two_images():

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from ddetr_tutorial.config import build_model, get_config
-from ddetr_tutorial.data import collate_fn
 from ddetr_tutorial.fpn import FPN
 from ddetr_tutorial.losses import total_loss
 from ddetr_tutorial.roi_align import pyramid_levels, pyramid_roi_align, roi_align_reference
 from ddetr_tutorial.sparse_rcnn import DynamicConv, SparseRCNN, apply_deltas, image_whwh
+from family_batch import assert_every_parameter_gets_a_gradient, padded_mixed_size_batch
 
 
 def tiny(**overrides):
@@ -154,17 +154,10 @@ def test_padded_mixed_size_batch_trains_every_parameter():
     torch.manual_seed(0)
     model, criterion, post = build_model(tiny())
     assert isinstance(model, SparseRCNN)
-    images, mask, _ = collate_fn([(torch.randn(3, 96, 64), None), (torch.randn(3, 64, 96), None)])
-    targets = [{"labels": torch.tensor([0, 2]),
-                "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
-               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    images, mask, targets = padded_mixed_size_batch()
     outputs = model(images, mask)
     loss = total_loss(criterion(outputs, targets), criterion.weight_dict)
-    assert torch.isfinite(loss)
-    loss.backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert [n for n, p in trainable if p.grad is None] == []
-    assert all(torch.isfinite(p.grad).all() for _, p in trainable)
+    assert_every_parameter_gets_a_gradient(model, loss)
     assert model.backbone.body.layer1[0].conv1.weight.grad is None  # C2's stage stays frozen
     # the second image is 64 wide: its whole-image proposals end at x = 64, not 96
     assert image_whwh(mask).tolist() == [[64, 96, 64, 96], [96, 64, 96, 64]]
