@@ -15,6 +15,7 @@ from ddetr_tutorial.losses import total_loss
 from ddetr_tutorial.roi_align import pyramid_levels, pyramid_roi_align, roi_align_reference
 from ddetr_tutorial.sparse_rcnn import DynamicConv, SparseRCNN, apply_deltas, image_whwh
 from family_batch import assert_every_parameter_gets_a_gradient, padded_mixed_size_batch
+from test_overfit import assert_memorises_two_images
 
 
 def tiny(**overrides):
@@ -148,6 +149,17 @@ def test_every_stage_is_supervised_and_outputs_are_relative():
         assert stage.class_logits.weight.grad.abs().sum() > 0
     detections = post(out, torch.tensor([[64, 64], [64, 64]]))
     assert len(detections[0]["scores"]) == min(100, 30 * 4)  # top scores, no NMS
+
+
+def test_two_stage_sparse_rcnn_memorises_two_images():
+    """The cascade with two of its stages, so that the test stays short. The six-stage tiny
+    model memorises them too, but slowly, stage after stage (1 thread, lr 2e-4; smallest
+    matched IoU per stage): stages 1-2 >= 0.86 by step 100-200, stage 6 only 0.68 at step
+    600; a loss spike near step 700 (2.6 to 6.5) set stages 3-6 back; at step 900 every
+    stage is >= 0.80. That is about 5 minutes of CPU, too long for a unit test; the trace
+    is in the family issue's closing note. Two stages fit in 200 steps."""
+    assert_memorises_two_images(get_config("tiny_sparse_rcnn", dec_layers=2), steps=400,
+                                min_steps=200, lr=2e-4)
 
 
 def test_padded_mixed_size_batch_trains_every_parameter():
