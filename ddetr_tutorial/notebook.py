@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .model_files import load_model
+from .predict import image_files
 from .shipped import SHIPPED, shipped_checkpoint
+from .visualize import SamplingExplorer
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = SHIPPED["tiny_shapes"]
@@ -77,9 +79,6 @@ def your_explorer(checkpoint=None, images=None, device="cpu", **kwargs):
     91-class heads). Returns None when no checkpoint is given, so the notebook falls
     back to the shipped model; a checkpoint without images is an error naming both.
     """
-    from .predict import image_files
-    from .visualize import SamplingExplorer
-
     checkpoint = checkpoint or os.environ.get("DDETR_CHECKPOINT") or None
     if checkpoint is None:
         return None
