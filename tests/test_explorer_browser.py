@@ -261,8 +261,7 @@ def test_the_explorer_responds_to_its_controls_and_to_clicks(lab, browser):
     page.wait("all cells to run (the probe's output)", lambda: "STATE 1 " in page.last_output(),
               timeout=400)
     page.probes = 1
-    page.wait("the explorer's live canvas", lambda: page.explorer().find_elements(
-        "css selector", ".jupyter-matplotlib-canvas-div canvas"))
+    page.wait("the explorer's live canvas", page.canvases)
     page.js("arguments[0].scrollIntoView({block: 'center'});", page.explorer())
     time.sleep(1.0)
     report = page.probe()
