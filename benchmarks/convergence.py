@@ -54,6 +54,8 @@ VARIANTS = {
 # Deformable DETR's seed pair first (every DETR run is measured against it).
 DEFAULT_PLAN = [("deformable", 0), ("deformable", 1), ("detr_dc5", 0), ("detr", 0),
                 ("detr_dc5", 1), ("detr", 1)]
+MINUTES_NOTE = ("minutes: cumulative training-step time (evaluation excluded) on the machine "
+                "and thread count of each run's epochs")
 NAMES = {"deformable": "Deformable DETR", "detr": "DETR", "detr_dc5": "DETR-DC5"}
 
 
@@ -74,32 +76,41 @@ def threads_label() -> str:
     return f"{machine_label()}, {torch.get_num_threads()} threads"
 
 
-def write_run_json(results_dir: Path, run, variant, seed, cfg, args, log_rows, machines):
+def run_record(run, model, description, seed, cfg, data, command, log_rows, machines) -> dict:
+    """A run's per-epoch results as benchmarks/results/<benchmark>/<run>.json holds them."""
     done = len(log_rows)
-    record = {
-        "run": run, "model": variant, "description": VARIANTS[variant][0], "seed": seed,
-        "data": str(args.data), "epochs_planned": cfg.epochs, "epochs_done": done,
+    return {
+        "run": run, "model": model, "description": description, "seed": seed,
+        "data": str(data), "epochs_planned": cfg.epochs, "epochs_done": done,
         "status": "complete" if done >= cfg.epochs else f"partial ({done}/{cfg.epochs} epochs)",
-        "config": cfg.to_dict(),
-        "command": f"python benchmarks/convergence.py run --only {variant} --seeds {seed} "
-                   f"--epochs {args.epochs} --detr-factor {args.detr_factor} "
-                   f"--image-size {args.image_size} --data {args.data}",
+        "config": cfg.to_dict(), "command": command,
         "curve": [{"epoch": row["epoch"], "machine": machines.get(str(row["epoch"]), "?"),
                    **{k: row.get(k) for k in ("lr", "train_seconds", "train_loss",
                                               "train_loss_ce", "train_class_error",
                                               "train_grad_norm")},
                    **{k: row[k] for k in METRICS if k in row}} for row in log_rows],
     }
-    path = results_dir / f"{run}.json"
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Written whole or not at all (a temporary file, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     tmp.replace(path)
 
 
+def write_run_json(results_dir: Path, run, variant, seed, cfg, args, log_rows, machines):
+    command = (f"python benchmarks/convergence.py run --only {variant} --seeds {seed} "
+               f"--epochs {args.epochs} --detr-factor {args.detr_factor} "
+               f"--image-size {args.image_size} --data {args.data}")
+    write_json(results_dir / f"{run}.json", run_record(
+        run, variant, VARIANTS[variant][0], seed, cfg, args.data, command, log_rows, machines))
+
+
 def run_one(variant, seed, args, deadline, train, val) -> bool:
-    run = f"{variant}_s{seed}"
     cfg = variant_config(variant, args, len(train.category_ids))
+    run = f"{variant}_{cfg.epochs}ep_s{seed}"  # one name per schedule
 
     def record(log_rows, machines):
         write_run_json(Path(args.results_dir), run, variant, seed, cfg, args, log_rows, machines)
@@ -183,16 +194,34 @@ def epochs_to_reach(deform_runs, detr_runs) -> dict:
 
 
 def build_report(records) -> dict:
+    """The factor against each DETR model's longest complete schedule (every schedule's
+    is in `factors_by_schedule`), on the shortest complete Deformable DETR schedule that
+    reaches DETR's final AP (the shortest when none does)."""
     runs = [schema_run(r) for r in records]
     by_model = {m: [r for r in runs if r["model"] == m] for m in VARIANTS}
-    against = {m: epochs_to_reach(by_model["deformable"], by_model[m])
-               for m in ("detr_dc5", "detr")}
+
+    def complete_schedules(model):
+        return sorted({r["epochs_planned"] for r in by_model[model]
+                       if r["status"] == "complete"})
+
+    def schedule(model, epochs):
+        return [r for r in by_model[model] if r["epochs_planned"] == epochs]
+
+    deform_schedules = complete_schedules("deformable") or [None]
+    against, by_schedule = {}, {}
+    for m in ("detr_dc5", "detr"):
+        by_schedule[m] = {}
+        for e in complete_schedules(m) or [None]:
+            tries = [{**epochs_to_reach(schedule("deformable", d), schedule(m, e)),
+                      "deformable_schedule": d} for d in deform_schedules]
+            by_schedule[m][str(e)] = next((t for t in tries if t["factor"]), tries[0])
+        against[m] = by_schedule[m][max(by_schedule[m], key=lambda k: int(k) if k != "None"
+                                        else -1)]
     headline = against["detr_dc5"]
     return {"runs": runs, "factor": headline["factor"],
             "note": "against DETR-DC5 (the paper's Table 1 comparison): " + headline["note"],
-            "factors": against,
-            "minutes_note": "minutes: cumulative training-step time (evaluation excluded) on "
-                            "the machine and thread count of each run's epochs",
+            "factors": against, "factors_by_schedule": by_schedule,
+            "minutes_note": MINUTES_NOTE,
             "written": machine()["date"]}
 
 
@@ -207,10 +236,14 @@ def plot_report(report, path: Path) -> None:
     for row, metric in enumerate(("AP", "APs")):
         for col, x in enumerate(("epochs", "minutes")):
             ax = axes[row][col]
+            longest = {m: max(r["epochs_planned"] for r in report["runs"] if r["model"] == m)
+                       for m in {r["model"] for r in report["runs"]}}
             for r in report["runs"]:
+                short = r["epochs_planned"] < longest[r["model"]]  # a shorter schedule: faint
                 ax.plot(r[x], [100 * v for v in r[metric]], color=colours[r["model"]],
-                        linestyle="-" if r["seed"] == 0 else "--", alpha=0.85,
-                        label=f"{NAMES[r['model']]} seed {r['seed']}")
+                        linestyle="-" if r["seed"] == 0 else "--", alpha=0.3 if short else 0.85,
+                        linewidth=1 if short else 1.5,
+                        label=f"{NAMES[r['model']]} {r['epochs_planned']} ep, seed {r['seed']}")
             ax.set_xlabel("epoch" if x == "epochs" else "training minutes")
             ax.set_ylabel(f"{metric} (shapes val)")
             ax.grid(alpha=0.3)

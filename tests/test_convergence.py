@@ -74,7 +74,7 @@ def test_run_is_resumable_and_reported(tmp_path):
     common = ["--data", str(data), "--only", "detr", "--seeds", "0", "--epochs", "2",
               "--detr-factor", "1", "--image-size", "64", "--threads", "1",
               "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
-    result = tmp_path / "results" / "detr_s0.json"
+    result = tmp_path / "results" / "detr_2ep_s0.json"
     assert convergence.main(["run", *common, "--epochs-now", "1"]) == 0
     first = json.loads(result.read_text())
     assert first["status"] == "partial (1/2 epochs)"
