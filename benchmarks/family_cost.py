@@ -25,17 +25,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_model import synthetic_batch  # noqa: E402
 from common import machine  # noqa: E402
+from convergence import DETR  # noqa: E402
 from ddetr_tutorial.config import build_model, get_config  # noqa: E402
 from ddetr_tutorial.losses import total_loss  # noqa: E402
 
+# The original DETR as benchmarks/convergence.py trains it: softmax + no-object, one map.
+DETR_ORIGINAL = {**DETR, "with_box_refine": False, "two_stage": False}
 MEMBERS = {  # name in the results -> tiny preset (and overrides)
     "deformable_detr": ("tiny_pretrained", {"with_box_refine": False, "two_stage": False}),
     "deformable_detr_refine": ("tiny_pretrained", {"two_stage": False}),
     "deformable_detr_two_stage": ("tiny_pretrained", {}),
-    "detr": ("tiny_pretrained", {"model": "detr", "no_object": True, "eos_coef": 0.1,
-                                 "position_offset": 0.0, "num_feature_levels": 1,
-                                 "with_box_refine": False, "two_stage": False,
-                                 "set_cost_class": 1.0, "cls_loss_coef": 1.0}),
+    "detr": ("tiny_pretrained", DETR_ORIGINAL),
+    "detr_dc5": ("tiny_pretrained", {**DETR_ORIGINAL, "dilation": True}),
     "conditional_detr": ("tiny_conditional_detr", {}),
     "anchor_detr": ("tiny_anchor_detr", {}),
     "efficient_detr": ("tiny_efficient_detr", {}),
@@ -47,10 +48,10 @@ MEMBERS = {  # name in the results -> tiny preset (and overrides)
 BASE = "deformable_detr"
 
 
-def build(name):
+def build(name, image_size=96):
     preset, overrides = MEMBERS[name]
     torch.manual_seed(0)
-    model, criterion, _ = build_model(get_config(preset, image_size=96, **overrides))
+    model, criterion, _ = build_model(get_config(preset, image_size=image_size, **overrides))
     params = [p for p in model.parameters() if p.requires_grad]
     return model, criterion, torch.optim.AdamW(params, lr=1e-4)
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
         names = [BASE, *names]
     batch = synthetic_batch(args.batch, args.size, args.size, "cpu")
     image = synthetic_batch(1, args.size, args.size, "cpu", seed=1)[:2]
-    built = {name: build(name) for name in names}
+    built = {name: build(name, args.size) for name in names}
     steps = {name: [] for name in names}
     infers = {name: [] for name in names}
     for name in names:  # warm-up: first calls build kernels and caches
