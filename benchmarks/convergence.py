@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from common import machine  # noqa: E402
-from paper_claims import datasets, machine_label, train_budgeted  # noqa: E402
+from paper_claims import add_budget_options, datasets, machine_label, train_budgeted  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "convergence"
@@ -283,16 +283,11 @@ def main(argv=None) -> int:
                    help="DETR and DETR-DC5 train this many times E epochs (default 5)")
     r.add_argument("--image-size", type=int, default=128,
                    help="train and test size in pixels (default 128, the shapes' own)")
-    r.add_argument("--budget-min", type=float, default=None,
-                   help="stop (resumably) before an epoch that would end past this many minutes")
-    r.add_argument("--epochs-now", type=int, default=None,
-                   help="train at most this many epochs in this call, over all runs")
+    add_budget_options(r)
     r.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    r.add_argument("--workers", type=int, default=0)
     r.add_argument("--runs-dir", default=str(RUNS), help="checkpoints (default runs/convergence)")
     r.add_argument("--results-dir", default=str(RESULTS / "convergence"),
                    help="per-run JSON (default benchmarks/results/convergence)")
-    r.add_argument("--device", default=None)
     r.set_defaults(func=cmd_run)
     q = sub.add_parser("report", help="the runs' JSON -> convergence.json + figure")
     q.add_argument("--results-dir", default=str(RESULTS / "convergence"))

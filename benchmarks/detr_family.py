@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import convergence  # noqa: E402
 import family_cost  # noqa: E402
 from common import machine  # noqa: E402
-from paper_claims import datasets, train_budgeted  # noqa: E402
+from paper_claims import add_budget_options, datasets, train_budgeted  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "detr_family"
@@ -66,8 +66,6 @@ EXCEPTIONS = {
     "dn_deformable_detr": "adds 5 denoising groups of noised ground truth in training",
     "h_deformable_detr": "adds 150 one-to-many queries (k = 6) in training",
 }
-# Deformable DETR's seed pair first (the baseline every verdict is measured against).
-DEFAULT_PLAN = [(m, s) for s in (0, 1) for m in MEMBERS]
 
 
 def member_config(name: str, epochs: int, image_size: int, num_classes: int):
@@ -116,11 +114,8 @@ def cmd_run(args) -> int:
     deadline = (float("inf") if args.budget_min is None
                 else time.monotonic() + args.budget_min * 60)
     args.epochs_left = args.epochs_now
-    plan = [(m, s) for m, s in DEFAULT_PLAN if (not args.only or m in args.only)
-            and (args.seeds is None or s in args.seeds)]
-    if args.seeds:
-        plan += [(m, s) for s in args.seeds for m in (args.only or MEMBERS)
-                 if (m, s) not in plan]
+    # Seed by seed, Deformable DETR first (the baseline every verdict is measured against).
+    plan = [(m, s) for s in (args.seeds or (0, 1)) for m in (args.only or MEMBERS)]
     train, val = datasets(args)
     for member, seed in plan:
         if not run_one(member, seed, args, deadline, train, val):
@@ -492,15 +487,10 @@ def main(argv=None) -> int:
     r.add_argument("--seeds", nargs="*", type=int, default=None)
     r.add_argument("--epochs", type=int, default=12, help="every member's (default 12)")
     r.add_argument("--image-size", type=int, default=128)
-    r.add_argument("--budget-min", type=float, default=None,
-                   help="stop (resumably) before an epoch that would end past this many minutes")
-    r.add_argument("--epochs-now", type=int, default=None,
-                   help="train at most this many epochs in this call, over all runs")
+    add_budget_options(r)
     r.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    r.add_argument("--workers", type=int, default=0)
     r.add_argument("--runs-dir", default=str(RUNS))
     r.add_argument("--results-dir", default=str(RESULTS / "detr_family"))
-    r.add_argument("--device", default=None)
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("cost", help="parameters, step and inference time, one run")
     c.add_argument("--image-size", type=int, default=128)

@@ -197,6 +197,18 @@ def train_budgeted(run, cfg, out: Path, seed, args, deadline, train, val, record
               flush=True)
 
 
+def add_budget_options(parser) -> None:
+    """The options `train_budgeted` reads: the time budget, the epochs per call, the
+    loader's workers and the device."""
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help="stop (resumably) before an epoch that would end past this many "
+                             "minutes")
+    parser.add_argument("--epochs-now", type=int, default=None,
+                        help="train at most this many epochs in this call, over all runs")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default=None)
+
+
 def check_same_config(out: Path, cfg) -> None:
     """A run continues only with the configuration it started with."""
     from ddetr_tutorial.checkpoints import latest_checkpoint, read_training_state
@@ -452,15 +464,10 @@ def main(argv=None) -> int:
                    help="DETR-DC5 trains this many times E epochs (default 3)")
     r.add_argument("--image-size", type=int, default=128,
                    help="train and test size in pixels (default 128, the shapes' own)")
-    r.add_argument("--budget-min", type=float, default=None,
-                   help="stop (resumably) before an epoch that would end past this many minutes")
-    r.add_argument("--epochs-now", type=int, default=None,
-                   help="train at most this many epochs in this call, over all runs")
-    r.add_argument("--workers", type=int, default=0)
+    add_budget_options(r)
     r.add_argument("--runs-dir", default=str(RUNS), help="checkpoints (default runs/paper_claims)")
     r.add_argument("--results-dir", default=str(RESULTS / "paper_claims"),
                    help="per-run JSON (default benchmarks/results/paper_claims)")
-    r.add_argument("--device", default=None)
     r.set_defaults(func=cmd_run)
     q = sub.add_parser("report", help="aggregate the runs' JSON into results + figure + table")
     q.add_argument("--results-dir", default=str(RESULTS / "paper_claims"),

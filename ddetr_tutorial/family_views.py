@@ -44,7 +44,7 @@ from .conditional_detr import ConditionalDETR
 from .detr import DETR, DETRDecoderLayer
 from .dynamic_detr import DynamicDETR, DynamicEncoderLayer, masked_mean
 from .model import DeformableDETR
-from .rcda import RowColumnAttention
+from .rcda import RowColumnAttention, decoupled_weights
 from .recording import record_sampling
 from .roi_align import pyramid_levels
 from .sparse_rcnn import SparseRCNN, image_whwh
@@ -175,23 +175,10 @@ def rcda_weights(attention: RowColumnAttention, query_row: Tensor, query_col: Te
     Summing value (N, M, H, W, D) under it gives `rcda.decoupled_attention`'s output."""
     if not isinstance(attention, RowColumnAttention):
         raise TypeError(f"attention must be a RowColumnAttention, got {type(attention).__name__}")
-    w, b = attention.in_proj_weight.chunk(5), attention.in_proj_bias.chunk(5)
-    M = attention.n_heads
-
-    def heads(x):  # (N, ..., C) -> (N, M, ..., D)
-        return x.unflatten(-1, (M, -1)).movedim(-2, 1)
-
-    q_row, q_col = heads(F.linear(query_row, w[0], b[0])), heads(F.linear(query_col, w[1], b[1]))
-    k_row = heads(F.linear(key_row, w[2], b[2]).mean(1))  # (N, M, W, D): one key per column
-    k_col = heads(F.linear(key_col, w[3], b[3]).mean(2))  # (N, M, H, D): one key per row
-    scale = q_row.shape[-1] ** -0.5
-    logits_row = (q_row * scale) @ k_row.transpose(-1, -2)  # (N, M, Lq, W)
-    logits_col = (q_col * scale) @ k_col.transpose(-1, -2)  # (N, M, Lq, H)
-    if padding_mask is not None:
-        logits_row = logits_row.masked_fill(padding_mask[:, None, None, 0, :], float("-inf"))
-        logits_col = logits_col.masked_fill(padding_mask[:, None, None, :, 0], float("-inf"))
-    return logits_col.softmax(-1)[..., :, None] * logits_row.softmax(-1)[..., None, :]
-
+    q_row, q_col, k_row, k_col, _ = attention.project(query_row, query_col, key_row, key_col,
+                                                      key_row)  # (the value goes unused)
+    a_row, a_col = decoupled_weights(q_row, q_col, k_row, k_col, padding_mask)
+    return a_col[..., :, None] * a_row[..., None, :]
 
 def dynamic_sampling(layer: DynamicEncoderLayer, srcs: list[Tensor], masks: list[Tensor]):
     """Where a Dynamic DETR encoder layer samples, from its inputs (srcs: L maps (N, C,

@@ -22,6 +22,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def decoupled_weights(q_row: Tensor, q_col: Tensor, k_row: Tensor, k_col: Tensor,
+                      padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """RCDA's two softmaxes, per head: a_row (N, M, Lq, W) over the columns and a_col
+    (N, M, Lq, H) over the rows (shapes and padding as `decoupled_attention`)."""
+    scale = q_row.shape[-1] ** -0.5
+    logits_row = (q_row * scale) @ k_row.transpose(-1, -2)  # (N, M, Lq, W)
+    logits_col = (q_col * scale) @ k_col.transpose(-1, -2)  # (N, M, Lq, H)
+    if padding_mask is not None:
+        logits_row = logits_row.masked_fill(padding_mask[:, None, None, 0, :], float("-inf"))
+        logits_col = logits_col.masked_fill(padding_mask[:, None, None, :, 0], float("-inf"))
+    return logits_row.softmax(-1), logits_col.softmax(-1)
+
+
 def decoupled_attention(q_row: Tensor, q_col: Tensor, k_row: Tensor, k_col: Tensor,
                         value: Tensor, padding_mask: Tensor | None = None,
                         dropout: float = 0.0, training: bool = False) -> Tensor:
@@ -32,14 +45,8 @@ def decoupled_attention(q_row: Tensor, q_col: Tensor, k_row: Tensor, k_col: Tens
     True on padding (padding is at the bottom and the right, so its first row
     marks the padded columns and its first column the padded rows). -> (N, M, Lq, D).
     """
-    scale = q_row.shape[-1] ** -0.5
-    logits_row = (q_row * scale) @ k_row.transpose(-1, -2)  # (N, M, Lq, W)
-    logits_col = (q_col * scale) @ k_col.transpose(-1, -2)  # (N, M, Lq, H)
-    if padding_mask is not None:
-        logits_row = logits_row.masked_fill(padding_mask[:, None, None, 0, :], float("-inf"))
-        logits_col = logits_col.masked_fill(padding_mask[:, None, None, :, 0], float("-inf"))
-    a_row = F.dropout(logits_row.softmax(-1), dropout, training)
-    a_col = F.dropout(logits_col.softmax(-1), dropout, training)
+    a_row, a_col = decoupled_weights(q_row, q_col, k_row, k_col, padding_mask)
+    a_row, a_col = F.dropout(a_row, dropout, training), F.dropout(a_col, dropout, training)
     N, M, H, W, D = value.shape
     if H < W:  # sum over x first: (N, M, Lq, W) @ (N, M, W, H*D) -> (N, M, Lq, H, D)
         partial = (a_row @ value.transpose(2, 3).reshape(N, M, W, H * D)).unflatten(-1, (H, D))
@@ -73,14 +80,21 @@ class RowColumnAttention(nn.Module):
         """(N, ..., C) -> (N, M, ..., D)."""
         return x.unflatten(-1, (self.n_heads, -1)).movedim(-2, 1)
 
+    def project(self, query_row: Tensor, query_col: Tensor, key_row: Tensor, key_col: Tensor,
+                value: Tensor) -> tuple[Tensor, ...]:
+        """The five projections, per head: q_row, q_col (N, M, Lq, D); k_row (N, M, W, D),
+        one key per column; k_col (N, M, H, D), one per row; v (N, M, H, W, D)."""
+        w, b = self.in_proj_weight.chunk(5), self.in_proj_bias.chunk(5)
+        return (self._heads(F.linear(query_row, w[0], b[0])),
+                self._heads(F.linear(query_col, w[1], b[1])),
+                self._heads(F.linear(key_row, w[2], b[2]).mean(1)),
+                self._heads(F.linear(key_col, w[3], b[3]).mean(2)),
+                self._heads(F.linear(value, w[4], b[4])))
+
     def forward(self, query_row: Tensor, query_col: Tensor, key_row: Tensor, key_col: Tensor,
                 value: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        w, b = self.in_proj_weight.chunk(5), self.in_proj_bias.chunk(5)
-        q_row = self._heads(F.linear(query_row, w[0], b[0]))                 # (N, M, Lq, D)
-        q_col = self._heads(F.linear(query_col, w[1], b[1]))
-        k_row = self._heads(F.linear(key_row, w[2], b[2]).mean(1))           # (N, M, W, D)
-        k_col = self._heads(F.linear(key_col, w[3], b[3]).mean(2))           # (N, M, H, D)
-        v = self._heads(F.linear(value, w[4], b[4]))                         # (N, M, H, W, D)
+        q_row, q_col, k_row, k_col, v = self.project(query_row, query_col, key_row, key_col,
+                                                     value)
         out = decoupled_attention(q_row, q_col, k_row, k_col, v, padding_mask,
                                   self.dropout, self.training)
         return self.out_proj(out.movedim(1, -2).flatten(-2))
