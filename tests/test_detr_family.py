@@ -71,7 +71,8 @@ def test_memory_claim_and_schema(tmp_path):
                              "--budget-gib", "0.0001", "--out", str(out)]) == 0
     memory = json.loads(out.read_text())
     enc = memory["curves"]["encoder"]
-    assert set(enc) == {"dense", "conditional", "rcda", "deformable"}
+    assert set(enc) == {"dense", "dense_fused", "conditional", "rcda", "deformable"}
+    assert all(r["peak_mib"] is not None for r in enc["dense_fused"])  # never skipped
     assert enc["dense"][1]["peak_mib"] is None and "budget" in enc["dense"][1]["skipped"]
     assert all(r["peak_mib"] is not None and r["peak_mib"] >= 0 for r in enc["rcda"])
     assert memory["curves"]["decoder"]["dense"][0]["queries"] == 30
@@ -82,6 +83,12 @@ def test_memory_claim_and_schema(tmp_path):
         "rcda": [{"side": 32, "peak_mib": 5.0}, {"side": 64, "peak_mib": 20.0}]}}}
     claim = detr_family.memory_claim(by_hand)
     assert claim["verdict"] == "holds" and claim["side"] == 64 and "30.0x" in claim["ours"]
+    by_hand["curves"]["encoder"]["dense_fused"] = [{"side": 32, "peak_mib": 4.0},
+                                                   {"side": 64, "peak_mib": 30.0}]
+    claim = detr_family.memory_claim(by_hand, against="dense_fused")   # RCDA above at 32
+    assert claim["verdict"] == "does not hold" and "fused dense (SDPA) 30.0 MiB" in claim["ours"]
+    del by_hand["curves"]["encoder"]["dense_fused"]
+    assert detr_family.memory_claim(by_hand, against="dense_fused")["verdict"] == "inconclusive"
 
 
 def test_race_is_resumable_skips_committed_runs_and_reports(tmp_path):
