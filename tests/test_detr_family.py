@@ -133,3 +133,25 @@ def test_every_member_has_a_name_and_unknown_members_are_refused():
     cfg = detr_family.member_config("detr_dc5", 12, 128, 4)
     assert (cfg.epochs, cfg.lr_drop, cfg.image_size) == (12, 10, 128)
     assert cfg.dilation and cfg.no_object and cfg.num_queries == 30
+
+
+def test_committed_report_is_what_the_committed_runs_give():
+    # every number of benchmarks/results/detr_family.json traces to a committed file: the
+    # report rebuilt from the per-run, cost, memory and convergence files equals it
+    results = detr_family.RESULTS
+    committed = json.loads((results / "detr_family.json").read_text())
+    race = results / "detr_family"
+    records = [json.loads(p.read_text()) for p in sorted(race.glob("*_s[0-9]*.json"))]
+    rebuilt = detr_family.build_report(
+        records, detr_family.convergence.load_runs(results / "convergence"),
+        detr_family.read_json(race / "cost_cpu.json"),
+        detr_family.read_json(race / "memory_cpu.json"))
+    rebuilt = json.loads(json.dumps(rebuilt))       # as written: tuples become lists
+    for key in ("runs", "claims", "long_schedules", "exceptions", "names"):
+        assert rebuilt[key] == committed[key], key
+    members = {r["model"] for r in committed["runs"] if r["status"] == "complete"}
+    assert members == set(detr_family.MEMBERS)     # done: every member, two seeds or more
+    for m in members:
+        assert len({r["seed"] for r in committed["runs"] if r["model"] == m}) >= 2, m
+    assert all(c["verdict"] in {"holds", "does not hold", "inconclusive"}
+               and not c["ours"].startswith("pending") for c in committed["claims"])
