@@ -155,3 +155,34 @@ def test_committed_report_is_what_the_committed_runs_give():
         assert len({r["seed"] for r in committed["runs"] if r["model"] == m}) >= 2, m
     assert all(c["verdict"] in {"holds", "does not hold", "inconclusive"}
                and not c["ours"].startswith("pending") for c in committed["claims"])
+
+
+def readme_table(readme: str, header: str) -> list[list[str]]:
+    lines = readme.splitlines()
+    start = lines.index(header) + 2                 # past the header and its |---| row
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_readme_family_tables_are_the_committed_report():
+    # the README's race tables are read off benchmarks/results/detr_family.json, not typed in
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    report = json.loads((detr_family.RESULTS / "detr_family.json").read_text())
+    claims = readme_table(readme, "| claim | paper | ours | verdict |")
+    assert [row[-1] for row in claims] == [c["verdict"] for c in report["claims"]]
+    rows = readme_table(readme, "| member | AP (seeds 0, 1) | APs | training minutes | parameters"
+                                " | training step | inference |")
+    assert [row[0] for row in rows] == list(report["names"].values())
+    for row, model in zip(rows, report["names"]):
+        runs = sorted((r for r in report["runs"] if r["model"] == model), key=lambda r: r["seed"])
+        ap = [100 * r["AP"][-1] for r in runs]
+        aps = sum(100 * r["APs"][-1] for r in runs) / len(runs)
+        assert row[1] == f"{sum(ap) / len(ap):.1f} ({', '.join(f'{a:.1f}' for a in ap)})", model
+        assert row[2] == f"{aps:.1f}", model
+        assert row[3] == ", ".join(f"{r['minutes'][-1]:.1f}" for r in runs), model
+        for cell, key in zip(row[4:], ("params_ratio", "step_ratio", "infer_ratio")):
+            assert cell.endswith(f"{runs[0][key]:.2f}x"), (model, key, cell)
